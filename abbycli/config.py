@@ -1,0 +1,449 @@
+"""Configuration: one table of known keys, discovery, validation and saving.
+
+Every key abby understands is declared once in ``KEYS``; validation, the
+environment overrides, ``abby config show``, ``abby config set`` and the
+commented starter file are all driven from that table, so they cannot drift.
+
+Precedence, highest first: command-line flag > environment variable > config
+file > built-in default. The config file itself is found in this order:
+``--config PATH`` > ``$ABBY_CONFIG`` > ``abby.toml`` in the user config dir >
+``abby.toml`` in the site config dir (both from platformdirs).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError, InvalidInput
+
+APP_NAME = "abby"
+CONFIG_FILENAME = "abby.toml"
+CONFIG_ENV = "ABBY_CONFIG"
+
+
+# --- value checkers: each takes a parsed TOML value and returns the clean one,
+# or raises ValueError with the problem in a few words.
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return value
+
+
+def _positive_number(value: Any) -> float:
+    value = _number(value)
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value!r}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value
+
+
+def _non_empty(value: Any) -> str:
+    value = _string(value)
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _timezone(value: Any) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    value = _non_empty(value)
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'UTC' or 'Europe/Berlin')") from None
+    return value
+
+
+def _url(value: Any) -> str:
+    value = _non_empty(value).rstrip("/")
+    if not value.startswith(("https://", "http://")):
+        raise ValueError(f"must start with https:// or http://, got {value!r}")
+    return value
+
+
+def _user_id(value: Any) -> str:
+    from .storage.names import validate_user_id
+
+    try:
+        return validate_user_id(_non_empty(value))
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _provider(value: Any) -> str:
+    value = _non_empty(value)
+    if value != "stability":
+        raise ValueError(f"unknown provider {value!r} (the only provider is 'stability')")
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str  # dotted: "storage.max_user_storage_mb"
+    check: Callable[[Any], Any]
+    default: Any
+    doc: str
+    env: str | None = None
+    secret: bool = False
+    from_text: Callable[[str], Any] | None = None  # how to read env vars and `config set`
+
+    @property
+    def section(self) -> str:
+        return self.name.split(".")[0]
+
+    @property
+    def short(self) -> str:
+        return self.name.split(".")[1]
+
+    def parse_text(self, text: str) -> Any:
+        """Turn text from an env var or the command line into a typed value."""
+        if self.from_text is None:
+            return self.check(text)
+        try:
+            raw = self.from_text(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a number, got {text!r}") from None
+        return self.check(raw)
+
+
+def _num_text(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+KEYS: dict[str, Key] = {
+    k.name: k
+    for k in [
+        Key("storage.root", _non_empty, None,
+            "Folder holding images/, temp/ and the .abby/ ledger. A relative path is relative\n"
+            "to this file's folder. Default: <user data dir>/shared.", env="STORAGE_ROOT"),
+        Key("storage.max_global_storage_mb", _positive_number, 5000,
+            "Cap on all stored images together, in MiB.", env="MAX_GLOBAL_STORAGE_MB", from_text=_num_text),
+        Key("storage.max_user_storage_mb", _positive_number, 500,
+            "Cap on one user's stored images, in MiB. Must not exceed the global cap.",
+            env="MAX_USER_STORAGE_MB", from_text=_num_text),
+        Key("storage.max_user_daily_gens", _positive_int, 5,
+            "Paid generations one user may start per day.", env="MAX_USER_DAILY_GENS", from_text=int),
+        Key("storage.cleanup_days", _positive_number, 7,
+            "`abby cleanup` deletes images created more than this many days ago.",
+            env="STORAGE_CLEANUP_DAYS", from_text=_num_text),
+        Key("storage.image_generation_size_mb", _positive_number, 1.5,
+            "Room (MiB) a generation reserves before its image exists.", env="IMAGE_GEN_SIZE_MB",
+            from_text=_num_text),
+        Key("storage.daily_reset_timezone", _timezone, "UTC",
+            "IANA time zone whose midnight starts a new daily allowance."),
+        Key("generation.provider", _provider, "stability", "Image provider. Only 'stability' for now."),
+        Key("generation.api_host", _url, "https://api.stability.ai", "Base URL of the provider's API.",
+            env="STABILITY_API_HOST"),
+        Key("generation.api_key", _non_empty, None,
+            "API key. Prefer the STABILITY_API_KEY environment variable; if you set it here,\n"
+            "keep this file private (abby writes it with mode 0600).", env="STABILITY_API_KEY", secret=True),
+        Key("generation.model", _non_empty, "core", "Default text-to-image model."),
+        Key("cli.default_user", _user_id, None,
+            "User id the command line acts for when --user is not given."),
+    ]
+}
+SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS.values()))
+
+
+def user_config_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / CONFIG_FILENAME
+
+
+def site_config_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.site_config_dir(APP_NAME, appauthor=False)) / CONFIG_FILENAME
+
+
+def default_root() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "shared"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    root: Path
+    max_global_storage_mb: float = 5000
+    max_user_storage_mb: float = 500
+    max_user_daily_gens: int = 5
+    cleanup_days: float = 7
+    image_generation_size_mb: float = 1.5
+    daily_reset_timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    provider: str = "stability"
+    api_host: str = "https://api.stability.ai"
+    api_key: str | None = field(default=None, repr=False)  # never in a repr or traceback
+    model: str = "core"
+
+
+@dataclass(frozen=True)
+class CliSettings:
+    default_user: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage: StorageSettings
+    generation: GenerationSettings
+    cli: CliSettings
+    config_path: Path | None  # the file in use, if any
+    sources: Mapping[str, str]  # dotted key -> "default" | "file" | "env" | "flag"
+
+    def value(self, name: str) -> Any:
+        key = KEYS[name]
+        return getattr(getattr(self, key.section), key.short)
+
+
+def search_list(env: Mapping[str, str] | None = None) -> list[tuple[str, Path]]:
+    """Where abby looks for its config file when no --config is given."""
+    env = os.environ if env is None else env
+    places = []
+    if env.get(CONFIG_ENV):
+        places.append((f"${CONFIG_ENV}", Path(env[CONFIG_ENV])))
+    places.append(("user config", user_config_path()))
+    places.append(("site config", site_config_path()))
+    return places
+
+
+def find_config(flag: str | os.PathLike | None, env: Mapping[str, str]) -> Path | None:
+    """The config file in use, or None when abby runs on defaults."""
+    if flag is not None:
+        path = Path(flag)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from --config) does not exist")
+        return path
+    if env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from ${CONFIG_ENV}) does not exist")
+        return path
+    for _, path in search_list({}):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already carries "(at line L, column C)".
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_document(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate a parsed config file; return {dotted key: clean value}."""
+    values: dict[str, Any] = {}
+    for section, table in doc.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{section}]{_suggest(section, list(SECTIONS))}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: '{section}' must be a table ([{section}])")
+        for short, raw in table.items():
+            name = f"{section}.{short}"
+            if name not in KEYS:
+                raise ConfigError(f"{where}: unknown key '{name}'{_suggest(name, list(KEYS))}")
+            try:
+                values[name] = KEYS[name].check(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {name}: {exc}") from None
+    return values
+
+
+def load_settings(
+    config: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Find, read and validate the configuration.
+
+    ``overrides`` holds values from command-line flags (dotted key -> value,
+    already typed or as text). Raises ConfigError with a one-line message that
+    names the file or variable, the key and the problem.
+    """
+    env = os.environ if env is None else env
+    path = find_config(config, env)
+    values: dict[str, Any] = {name: key.default for name, key in KEYS.items()}
+    sources = {name: "default" for name in KEYS}
+
+    if path is not None:
+        for name, value in check_document(read_toml(path), str(path)).items():
+            values[name], sources[name] = value, "file"
+    for name, key in KEYS.items():
+        if key.env and env.get(key.env, "") != "":
+            try:
+                values[name] = key.parse_text(env[key.env])
+            except ValueError as exc:
+                raise ConfigError(f"environment variable {key.env} ({name}): {exc}") from None
+            sources[name] = "env"
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        key = KEYS[name]
+        try:
+            values[name] = key.parse_text(raw) if isinstance(raw, str) else key.check(raw)
+        except ValueError as exc:
+            raise ConfigError(f"option for {name}: {exc}") from None
+        sources[name] = "flag"
+
+    user_mb, global_mb = values["storage.max_user_storage_mb"], values["storage.max_global_storage_mb"]
+    if user_mb > global_mb:
+        raise ConfigError(
+            f"{_origin('storage.max_user_storage_mb', sources, path)}: storage.max_user_storage_mb ({user_mb}) "
+            f"is above storage.max_global_storage_mb ({global_mb}, from {sources['storage.max_global_storage_mb']})"
+        )
+
+    root_source = sources["storage.root"]
+    if values["storage.root"] is None:
+        root = default_root()
+    else:
+        root = Path(values["storage.root"]).expanduser()
+        if not root.is_absolute():
+            base = path.parent if root_source == "file" and path is not None else Path.cwd()
+            root = base / root
+    root = Path(os.path.abspath(root))
+
+    def section(name: str) -> dict[str, Any]:
+        return {k.short: values[k.name] for k in KEYS.values() if k.section == name}
+
+    storage = section("storage")
+    storage["root"] = root
+    return Settings(
+        storage=StorageSettings(**storage),
+        generation=GenerationSettings(**section("generation")),
+        cli=CliSettings(**section("cli")),
+        config_path=path,
+        sources=sources,
+    )
+
+
+def _origin(name: str, sources: Mapping[str, str], path: Path | None) -> str:
+    source = sources[name]
+    if source == "file":
+        return str(path)
+    if source == "env":
+        return f"environment variable {KEYS[name].env}"
+    return source
+
+
+def display_value(settings: Settings, name: str) -> Any:
+    """The value as `config show` prints it: secrets masked, paths as text."""
+    value = settings.value(name)
+    if KEYS[name].secret:
+        return None if value is None else "********"
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def render_template(root: str | None) -> str:
+    """A commented config file documenting every key, with defaults filled in.
+
+    ``root`` None leaves storage.root commented out (the platform default).
+    """
+    import tomli_w
+
+    lines = [
+        "# abby configuration. Every key is optional; the values shown are the defaults.",
+        "# Environment variables, where named, override this file; command-line flags override both.",
+    ]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for key in (k for k in KEYS.values() if k.section == section):
+            lines += [f"# {line}" for line in key.doc.splitlines()]
+            if key.env:
+                lines.append(f"# Environment: {key.env}")
+            if key.name == "storage.root" and root is not None:
+                lines.append(tomli_w.dumps({"root": root}).strip())
+            elif key.default is None:
+                example = "" if key.secret else "alice" if key.name == "cli.default_user" else "/srv/abby/shared"
+                lines.append(f'# {key.short} = "{example}"')
+            else:
+                lines.append("# " + tomli_w.dumps({key.short: key.default}).strip())
+    return "\n".join(lines) + "\n"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` atomically; the file is 0600 on POSIX (it may hold a key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def set_value(path: Path, name: str, text: str) -> Any:
+    """Set one key in the file at ``path`` (created if missing), keeping the other values."""
+    import tomli_w
+
+    if name not in KEYS:
+        raise ConfigError(f"unknown key '{name}'{_suggest(name, list(KEYS))}")
+    key = KEYS[name]
+    try:
+        value = key.parse_text(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    doc = read_toml(path) if path.exists() else {}
+    check_document(doc, str(path))  # refuse to rewrite a file that is already broken
+    doc.setdefault(key.section, {})[key.short] = value
+    values = check_document(doc, str(path))
+    user_mb = values.get("storage.max_user_storage_mb", KEYS["storage.max_user_storage_mb"].default)
+    global_mb = values.get("storage.max_global_storage_mb", KEYS["storage.max_global_storage_mb"].default)
+    if user_mb > global_mb:
+        raise ConfigError(
+            f"{path}: storage.max_user_storage_mb ({user_mb}) would be above "
+            f"storage.max_global_storage_mb ({global_mb})"
+        )
+    write_private(path, tomli_w.dumps(doc))
+    return value

@@ -1,0 +1,1 @@
+"""The quota-managed image store: safe names, the SQLite ledger, quotas and the manager."""

@@ -1,0 +1,189 @@
+"""The SQLite ledger under ``<root>/.abby/``: images, usage totals, reservations, daily counters.
+
+Why SQLite in WAL mode: several processes (the bot, the CLI, a cron cleanup)
+share one root. ``BEGIN IMMEDIATE`` takes the database's single write lock
+up front, so a quota check and the row that uses the quota happen in one
+transaction and two processes can never both take the last megabyte or the
+last daily slot. WAL lets readers (``abby quota``) run while a writer works.
+
+Usage totals are kept by triggers, in the same transaction as the row that
+changes them, so they are exact by construction and ``abby quota`` never walks
+the folders. ``synchronous=NORMAL`` is enough: image files are fsynced before
+their row is committed, so a power cut can at worst forget the last rows,
+leaving files that ``abby check --fix`` adopts again; it can never leave a row
+without its file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import Busy, StorageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id    TEXT    NOT NULL,
+    rel_path   TEXT    NOT NULL UNIQUE,   -- 'images/users/<dir>/<file>', always with '/'
+    size       INTEGER NOT NULL,
+    format     TEXT,
+    created_at REAL    NOT NULL,          -- Unix time
+    meta       TEXT                       -- JSON, generation parameters
+);
+CREATE INDEX IF NOT EXISTS images_by_user ON images(user_id, created_at);
+CREATE INDEX IF NOT EXISTS images_by_age ON images(created_at);
+
+CREATE TABLE IF NOT EXISTS usage (
+    user_id  TEXT PRIMARY KEY,
+    bytes    INTEGER NOT NULL DEFAULT 0,
+    files    INTEGER NOT NULL DEFAULT 0,
+    reserved INTEGER NOT NULL DEFAULT 0   -- bytes held by generations in flight
+);
+CREATE TABLE IF NOT EXISTS totals (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    bytes    INTEGER NOT NULL,
+    files    INTEGER NOT NULL,
+    reserved INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (1, 0, 0, 0);
+
+-- A generation that has been allowed to call a paid API but has not finished.
+CREATE TABLE IF NOT EXISTS reservations (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id    TEXT    NOT NULL,
+    day        TEXT    NOT NULL,          -- calendar day in daily_reset_timezone
+    bytes      INTEGER NOT NULL,
+    pid        INTEGER NOT NULL,
+    host       TEXT    NOT NULL,
+    created_at REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_by_user ON reservations(user_id, day);
+
+CREATE TABLE IF NOT EXISTS daily (
+    user_id TEXT NOT NULL,
+    day     TEXT NOT NULL,
+    used    INTEGER NOT NULL,
+    PRIMARY KEY (user_id, day)
+);
+
+CREATE TRIGGER IF NOT EXISTS images_ins AFTER INSERT ON images BEGIN
+    INSERT INTO usage (user_id, bytes, files) VALUES (NEW.user_id, NEW.size, 1)
+        ON CONFLICT (user_id) DO UPDATE SET bytes = bytes + NEW.size, files = files + 1;
+    UPDATE totals SET bytes = bytes + NEW.size, files = files + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS images_del AFTER DELETE ON images BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size, files = files - 1 WHERE user_id = OLD.user_id;
+    UPDATE totals SET bytes = bytes - OLD.size, files = files - 1;
+END;
+CREATE TRIGGER IF NOT EXISTS images_resize AFTER UPDATE OF size ON images BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size + NEW.size WHERE user_id = NEW.user_id;
+    UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS reservations_ins AFTER INSERT ON reservations BEGIN
+    INSERT INTO usage (user_id, reserved) VALUES (NEW.user_id, NEW.bytes)
+        ON CONFLICT (user_id) DO UPDATE SET reserved = reserved + NEW.bytes;
+    UPDATE totals SET reserved = reserved + NEW.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS reservations_del AFTER DELETE ON reservations BEGIN
+    UPDATE usage SET reserved = reserved - OLD.bytes WHERE user_id = OLD.user_id;
+    UPDATE totals SET reserved = reserved - OLD.bytes;
+END;
+"""
+
+
+def _convert(exc: sqlite3.Error, path: Path) -> StorageError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return Busy(f"the ledger {path} stayed locked by another process; try again")
+    if "full" in text:
+        return StorageError(f"the disk holding {path} is full")
+    return StorageError(f"ledger {path}: {text}")
+
+
+class Ledger:
+    """One connection per process, shared by threads under a lock.
+
+    The connection is opened lazily so that building a StorageManager costs
+    nothing until it is used.
+    """
+
+    def __init__(self, state_dir: Path, busy_timeout: float = 60.0):
+        self.path = state_dir / "ledger.sqlite3"
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.RLock()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                # Idempotent (IF NOT EXISTS), so two processes creating it at once is harmless.
+                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageError(f"ledger {self.path} was written by a newer abby (schema {version}); upgrade abby")
+        except sqlite3.Error as exc:
+            raise _convert(exc, self.path) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open the ledger {self.path}: {exc.strerror or exc}") from exc
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the database's write lock from the start."""
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _convert(exc, self.path) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                raise _convert(exc, self.path) from exc
+            except BaseException:
+                self._rollback(conn)
+                raise
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        # SQLite may already have rolled back by itself (for example on a full disk).
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot, never blocks writers."""
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise _convert(exc, self.path) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

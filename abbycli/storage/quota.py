@@ -1,0 +1,225 @@
+"""QuotaManager: the limits, the check-and-reserve logic and the seed's status dict.
+
+Every check here runs on a connection that is inside a ``BEGIN IMMEDIATE``
+transaction opened by the caller, so the check and the row that consumes the
+quota commit together. A check outside that transaction would be no quota.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from ..errors import DailyLimitReached, GlobalQuotaExceeded, InvalidInput, UserQuotaExceeded
+from .ledger import Ledger
+from .names import validate_user_id
+
+MIB = 1024 * 1024
+WARNING_PERCENT = 80.0
+
+
+def mib(nbytes: int) -> float:
+    """Bytes as MiB, rounded to 3 decimals: the unit of every *_mb field."""
+    return round(nbytes / MIB, 3)
+
+
+def human_size(nbytes: int) -> str:
+    """A size for people: '152 B', '1.4 MiB'."""
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Limits:
+    global_bytes: int
+    user_bytes: int
+    daily_gens: int
+    generation_bytes: int
+    timezone: str = "UTC"
+
+    @classmethod
+    def from_mb(cls, global_mb: float, user_mb: float, daily_gens: int,
+                generation_mb: float = 1.5, timezone: str = "UTC") -> "Limits":
+        for name, value in [("max_global_storage_mb", global_mb), ("max_user_storage_mb", user_mb),
+                            ("max_user_daily_gens", daily_gens), ("image_generation_size_mb", generation_mb)]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidInput(f"{name} must be a number greater than 0, got {value!r}")
+        if user_mb > global_mb:
+            raise InvalidInput(f"max_user_storage_mb ({user_mb}) is above max_global_storage_mb ({global_mb})")
+        try:
+            ZoneInfo(timezone)
+        except Exception:
+            raise InvalidInput(f"unknown time zone {timezone!r}") from None
+        return cls(int(global_mb * MIB), int(user_mb * MIB), int(daily_gens), int(generation_mb * MIB), timezone)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A daily slot and some room, held while a paid generation runs."""
+
+    id: int
+    user_id: str
+    day: str
+    bytes: int
+
+
+def _status(used: int, total: int) -> tuple[float, str]:
+    percentage = round(used * 100 / total, 2)
+    if used >= total:
+        return percentage, "FULL"
+    return percentage, "WARNING" if percentage >= WARNING_PERCENT else "OK"
+
+
+class QuotaManager:
+    def __init__(self, ledger: Ledger, limits: Limits):
+        self.ledger = ledger
+        self.limits = limits
+        self._tz = ZoneInfo(limits.timezone)
+
+    # --- days -------------------------------------------------------------
+    def today(self, now: float | None = None) -> str:
+        return datetime.fromtimestamp(time.time() if now is None else now, self._tz).date().isoformat()
+
+    def next_reset(self, now: float | None = None) -> datetime:
+        local = datetime.fromtimestamp(time.time() if now is None else now, self._tz)
+        midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), self._tz)
+        return midnight
+
+    # --- checks (inside the caller's write transaction) ---------------------
+    def check_room(self, conn: sqlite3.Connection, user_id: str, nbytes: int) -> None:
+        """Raise unless ``nbytes`` more fit under the user's and the global cap."""
+        lim = self.limits
+        if nbytes > lim.user_bytes:
+            raise UserQuotaExceeded(
+                f"the image is {mib(nbytes)} MB, more than the whole per-user limit of {mib(lim.user_bytes)} MB"
+            )
+        row = conn.execute("SELECT bytes + reserved FROM usage WHERE user_id = ?", (user_id,)).fetchone()
+        user_used = row[0] if row else 0
+        if user_used + nbytes > lim.user_bytes:
+            raise UserQuotaExceeded(
+                f"user {user_id!r} is at their storage limit: {mib(user_used)} of {mib(lim.user_bytes)} MB used, "
+                f"{mib(nbytes)} MB more needed"
+            )
+        global_used = conn.execute("SELECT bytes + reserved FROM totals").fetchone()[0]
+        if global_used + nbytes > lim.global_bytes:
+            raise GlobalQuotaExceeded(
+                f"the shared storage is full: {mib(global_used)} of {mib(lim.global_bytes)} MB used, "
+                f"{mib(nbytes)} MB more needed"
+            )
+
+    def _daily_taken(self, conn: sqlite3.Connection, user_id: str, day: str) -> tuple[int, int]:
+        used = conn.execute("SELECT used FROM daily WHERE user_id = ? AND day = ?", (user_id, day)).fetchone()
+        held = conn.execute(
+            "SELECT COUNT(*) FROM reservations WHERE user_id = ? AND day = ?", (user_id, day)
+        ).fetchone()[0]
+        return (used[0] if used else 0), held
+
+    # --- the daily-generation API -------------------------------------------
+    def reserve_generation(self, user_id: str, nbytes: int | None = None) -> Reservation:
+        """Take a daily slot and room for one image *before* a paid API is called.
+
+        Raises DailyLimitReached, UserQuotaExceeded or GlobalQuotaExceeded.
+        Follow with confirm() on success or refund() on any failure.
+        """
+        user_id = validate_user_id(user_id)
+        nbytes = self.limits.generation_bytes if nbytes is None else nbytes
+        day = self.today()
+        with self.ledger.write() as conn:
+            used, held = self._daily_taken(conn, user_id, day)
+            if used + held >= self.limits.daily_gens:
+                raise DailyLimitReached(
+                    f"user {user_id!r} has used all {self.limits.daily_gens} generations for today"
+                    + (f" ({held} still running)" if held else "")
+                    + f"; the limit resets at {self.next_reset():%Y-%m-%d %H:%M %Z}"
+                )
+            self.check_room(conn, user_id, nbytes)
+            cur = conn.execute(
+                "INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (user_id, day, nbytes, os.getpid(), socket.gethostname(), time.time()),
+            )
+        return Reservation(cur.lastrowid, user_id, day, nbytes)
+
+    def settle(self, conn: sqlite3.Connection, reservation: Reservation, charge: bool) -> None:
+        """Release a reservation's room and, if ``charge``, count its daily slot."""
+        conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+        if charge:
+            conn.execute(
+                "INSERT INTO daily (user_id, day, used) VALUES (?, ?, 1) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1",
+                (reservation.user_id, reservation.day),
+            )
+
+    def confirm(self, reservation: Reservation) -> None:
+        """The generation succeeded: the daily slot is spent, the held room freed."""
+        with self.ledger.write() as conn:
+            self.settle(conn, reservation, charge=True)
+
+    def refund(self, reservation: Reservation) -> None:
+        """The generation failed or was filtered: give the slot and the room back."""
+        with self.ledger.write() as conn:
+            self.settle(conn, reservation, charge=False)
+
+    # --- reports --------------------------------------------------------------
+    def status(self, user_id: str) -> dict:
+        """The seed's three-part status dict, plus exact byte counts."""
+        user_id = validate_user_id(user_id)
+        day = self.today()
+        with self.ledger.read() as conn:
+            g_used, g_reserved = conn.execute("SELECT bytes, reserved FROM totals").fetchone()
+            row = conn.execute("SELECT bytes, reserved FROM usage WHERE user_id = ?", (user_id,)).fetchone()
+            u_used, u_reserved = row if row else (0, 0)
+            d_used, d_held = self._daily_taken(conn, user_id, day)
+        return {
+            "global": self._part(g_used, g_reserved, self.limits.global_bytes, "total"),
+            "user": self._part(u_used, u_reserved, self.limits.user_bytes, "limit"),
+            "daily": self._daily_part(d_used, d_held),
+        }
+
+    def global_status(self) -> dict:
+        with self.ledger.read() as conn:
+            used, reserved, files = conn.execute("SELECT bytes, reserved, files FROM totals").fetchone()
+        return self._part(used, reserved, self.limits.global_bytes, "total") | {"files": files}
+
+    def _part(self, used: int, reserved: int, cap: int, word: str) -> dict:
+        percentage, status = _status(used, cap)
+        return {
+            "used_mb": mib(used), f"{word}_mb": mib(cap), "percentage": percentage, "status": status,
+            "used_bytes": used, f"{word}_bytes": cap, "reserved_bytes": reserved,
+        }
+
+    def _daily_part(self, used: int, held: int) -> dict:
+        remaining = max(0, self.limits.daily_gens - used - held)
+        return {
+            "allowed": remaining > 0, "remaining": remaining, "limit": self.limits.daily_gens,
+            "used": used, "in_progress": held, "resets_at": self.next_reset().isoformat(),
+        }
+
+    def users(self) -> list[dict]:
+        """Every user with stored bytes or reservations, largest first."""
+        day = self.today()
+        with self.ledger.read() as conn:
+            rows = conn.execute(
+                "SELECT u.user_id, u.bytes, u.files, u.reserved, COALESCE(d.used, 0) FROM usage u "
+                "LEFT JOIN daily d ON d.user_id = u.user_id AND d.day = ? "
+                "WHERE u.files > 0 OR u.reserved > 0 OR d.used > 0 ORDER BY u.bytes DESC, u.user_id",
+                (day,),
+            ).fetchall()
+        out = []
+        for user_id, nbytes, files, reserved, gens in rows:
+            percentage, status = _status(nbytes, self.limits.user_bytes)
+            out.append({
+                "user_id": user_id, "used_bytes": nbytes, "used_mb": mib(nbytes), "files": files,
+                "reserved_bytes": reserved, "limit_bytes": self.limits.user_bytes,
+                "limit_mb": mib(self.limits.user_bytes), "percentage": percentage, "status": status,
+                "daily_used": gens, "daily_limit": self.limits.daily_gens,
+            })
+        return out
