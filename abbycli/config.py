@@ -380,15 +380,18 @@ def display_value(settings: Settings, name: str) -> Any:
     return value
 
 
-def render_template(root: str | None) -> str:
-    """A commented config file documenting every key, with defaults filled in.
+def render_template(values: Mapping[str, Any] | None = None) -> str:
+    """The config file abby writes: every key documented, set keys active.
 
-    ``root`` None leaves storage.root commented out (the platform default).
+    Keys in ``values`` (dotted name -> value) are written as TOML with tomli-w;
+    the others stay commented out with their default, so the file documents
+    itself however often ``abby config set`` rewrites it.
     """
     import tomli_w
 
+    values = values or {}
     lines = [
-        "# abby configuration. Every key is optional; the values shown are the defaults.",
+        "# abby configuration. Every key is optional; commented lines show the defaults.",
         "# Environment variables, where named, override this file; command-line flags override both.",
     ]
     for section in SECTIONS:
@@ -397,13 +400,15 @@ def render_template(root: str | None) -> str:
             lines += [f"# {line}" for line in key.doc.splitlines()]
             if key.env:
                 lines.append(f"# Environment: {key.env}")
-            if key.name == "storage.root" and root is not None:
-                lines.append(tomli_w.dumps({"root": root}).strip())
+            if key.name in values:
+                lines.append(tomli_w.dumps({key.short: values[key.name]}).strip())
             elif key.default is None:
-                example = "" if key.secret else "alice" if key.name == "cli.default_user" else "/srv/abby/shared"
+                example = {"storage.root": "/srv/abby/shared", "cli.default_user": "alice"}.get(key.name, "")
                 lines.append(f'# {key.short} = "{example}"')
             else:
                 lines.append("# " + tomli_w.dumps({key.short: key.default}).strip())
+            lines.append("")
+        lines.pop()
     return "\n".join(lines) + "\n"
 
 
@@ -423,10 +428,12 @@ def write_private(path: Path, text: str) -> None:
         raise
 
 
-def set_value(path: Path, name: str, text: str) -> Any:
-    """Set one key in the file at ``path`` (created if missing), keeping the other values."""
-    import tomli_w
+def set_value(path: Path, name: str, text: str) -> bool:
+    """Set one key in the file at ``path`` (created if missing), keeping the other values.
 
+    The file is rewritten from ``render_template``, so abby's own comments stay;
+    returns True if the old file had other comments, which are not kept.
+    """
     if name not in KEYS:
         raise ConfigError(f"unknown key '{name}'{_suggest(name, list(KEYS))}")
     key = KEYS[name]
@@ -434,10 +441,9 @@ def set_value(path: Path, name: str, text: str) -> Any:
         value = key.parse_text(text)
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
-    doc = read_toml(path) if path.exists() else {}
-    check_document(doc, str(path))  # refuse to rewrite a file that is already broken
-    doc.setdefault(key.section, {})[key.short] = value
-    values = check_document(doc, str(path))
+    old_text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    values = check_document(read_toml(path), str(path)) if path.exists() else {}
+    values[name] = value
     user_mb = values.get("storage.max_user_storage_mb", KEYS["storage.max_user_storage_mb"].default)
     global_mb = values.get("storage.max_global_storage_mb", KEYS["storage.max_global_storage_mb"].default)
     if user_mb > global_mb:
@@ -445,5 +451,15 @@ def set_value(path: Path, name: str, text: str) -> Any:
             f"{path}: storage.max_user_storage_mb ({user_mb}) would be above "
             f"storage.max_global_storage_mb ({global_mb})"
         )
-    write_private(path, tomli_w.dumps(doc))
-    return value
+    new_text = render_template({k: values[k] for k in KEYS if k in values})
+    own = {line for line in new_text.splitlines() if line.lstrip().startswith("#")}
+    lost = any(line.lstrip().startswith("#") and line not in own and not _is_commented_key(line)
+               for line in old_text.splitlines())
+    write_private(path, new_text)
+    return lost
+
+
+def _is_commented_key(line: str) -> bool:
+    """'# max_user_storage_mb = 500' is a template line, not a user's comment."""
+    body = line.lstrip("# ").split("=", 1)[0].strip()
+    return any(body == k.short for k in KEYS.values())

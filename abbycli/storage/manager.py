@@ -435,12 +435,13 @@ class StorageManager:
         with self._maintenance_lock(lock_timeout):
             with self.ledger.read() as conn:
                 rows = conn.execute(sql + " ORDER BY created_at, id", args).fetchall()
-            report.temp_files = self._stale_temp_files(now)
-            doomed = {r[1] for r in rows}
-            report.empty_dirs = self._dirs_left_empty(doomed, user_id)
+            temp_files = self._stale_temp_files(now)
+            empty_dirs = self._dirs_left_empty({r[1] for r in rows}, user_id)
             if dry_run:
                 report.deleted = [str(self.root / r[1]) for r in rows]
                 report.freed_bytes = sum(r[2] for r in rows)
+                report.temp_files = [str(self.root / t) for t in temp_files]
+                report.empty_dirs = [str(self.root / d) for d in empty_dirs]
                 with self.ledger.read() as conn:
                     reservations = conn.execute("SELECT pid, host, created_at FROM reservations").fetchall()
                 report.released_reservations = sum(_abandoned(*r, now) for r in reservations)
@@ -452,14 +453,14 @@ class StorageManager:
                     with self.ledger.write() as conn:
                         conn.executemany("DELETE FROM images WHERE id = ?", [(r[0],) for r in chunk])
                     for _id, rel, size in chunk:
-                        outcome = remover.unlink(rel)
-                        if outcome == "unsafe":
+                        if remover.unlink(rel) == "unsafe":
                             report.skipped.append(str(self.root / rel))
                         report.deleted.append(str(self.root / rel))
                         report.freed_bytes += size
-                for rel in report.temp_files:
+                for rel in temp_files:
                     remover.unlink(rel)
-                report.empty_dirs = [d for d in report.empty_dirs if remover.rmdir(d)]
+                    report.temp_files.append(str(self.root / rel))
+                report.empty_dirs = [str(self.root / d) for d in empty_dirs if remover.rmdir(d)]
             with self.ledger.write() as conn:
                 report.released_reservations = len(self._release_stale_reservations(conn, now))
         return report

@@ -1,0 +1,245 @@
+"""Admin commands over the store: quota, list, save, delete, cleanup, check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.text import Text
+
+from ..errors import AbbyError, InvalidInput
+from ..storage.quota import human_size
+from . import output
+from .app import state
+
+JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
+USER = typer.Option(None, "--user", "-u", help="User id.", show_default=False)
+
+
+def quota(
+    ctx: typer.Context,
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="Show one user's status instead of all users.",
+                                       show_default=False),
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="Only the N largest users.", show_default=False),
+    check: bool = typer.Option(False, "--check", help="Monitoring mode (Nagios convention): exit 0 OK, 1 WARNING, 2 FULL."),
+    as_json: bool = JSON,
+) -> None:
+    """Show storage and daily-generation usage, for one user or for everyone."""
+    storage = state(ctx).storage()
+    if user is not None:
+        data = storage.get_quota_status(user)
+        worst = _worst(data["global"]["status"], data["user"]["status"])
+        if as_json:
+            output.print_json({"user_id": user, **data})
+        elif check:
+            _nagios(worst, f"user {user} {data['user']['percentage']}% "
+                           f"({human_size(data['user']['used_bytes'])} of {human_size(data['user']['limit_bytes'])}), "
+                           f"global {data['global']['percentage']}%", data)
+        else:
+            _status_line("Global", data["global"], "total_bytes")
+            _status_line("User", data["user"], "limit_bytes")
+            daily = data["daily"]
+            output.info(f"Daily   {daily['remaining']} of {daily['limit']} generations left today"
+                        + (f" ({daily['in_progress']} running)" if daily["in_progress"] else "")
+                        + f"; resets {daily['resets_at'][:16].replace('T', ' ')}")
+    else:
+        g = storage.quota.global_status()
+        users = storage.quota.users()
+        shown = users[:top] if top else users
+        worst = g["status"]
+        if as_json:
+            output.print_json({"global": g, "users": shown, "user_count": len(users)})
+        elif check:
+            full = sum(u["status"] == "FULL" for u in users)
+            _nagios(worst, f"global {g['percentage']}% ({human_size(g['used_bytes'])} of "
+                           f"{human_size(g['total_bytes'])}), {len(users)} users, {full} at their limit", {"global": g})
+        else:
+            _status_line("Global", g, "total_bytes")
+            output.info(f"{g['files']} images, {len(users)} users")
+            if shown:
+                output.table(
+                    ["User", "Used", "Files", "%", "", "Status", "Today"],
+                    [[u["user_id"], human_size(u["used_bytes"]), u["files"], f"{u['percentage']:.1f}",
+                      output.bar(u["percentage"], 12), output.status_text(u["status"]),
+                      f"{u['daily_used']}/{u['daily_limit']}"] for u in shown],
+                )
+                if top and len(users) > top:
+                    output.info(f"... and {len(users) - top} more")
+    if check:
+        raise typer.Exit({"OK": 0, "WARNING": 1, "FULL": 2}[worst])
+
+
+def _worst(*statuses: str) -> str:
+    order = ["OK", "WARNING", "FULL"]
+    return max(statuses, key=order.index)
+
+
+def _status_line(label: str, part: dict, cap_key: str) -> None:
+    line = Text(f"{label:<7} ") + output.bar(part["percentage"]) + Text(
+        f" {part['percentage']:5.1f}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  "
+    ) + output.status_text(part["status"])
+    if part.get("reserved_bytes"):
+        line += Text(f"  (+{human_size(part['reserved_bytes'])} reserved)", style="dim")
+    output.info(line)
+
+
+def _nagios(status: str, summary: str, data: dict) -> None:
+    g = data["global"]
+    perf = f"global={g['used_bytes']}B;{int(g['total_bytes'] * 0.8)};{g['total_bytes']};0;{g['total_bytes']}"
+    if "user" in data:
+        u = data["user"]
+        perf += f" user={u['used_bytes']}B;{int(u['limit_bytes'] * 0.8)};{u['limit_bytes']};0;{u['limit_bytes']}"
+    typer.echo(f"ABBY QUOTA {status} - {summary} | {perf}")
+
+
+def list_images(
+    ctx: typer.Context,
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="Only this user's images (default: everyone's).",
+                                       show_default=False),
+    limit: int = typer.Option(0, "--limit", "-n", min=0, help="Show at most N images (0 = all)."),
+    as_json: bool = JSON,
+) -> None:
+    """List stored images, newest first."""
+    images = state(ctx).storage().list_images(user, limit or None)
+    if as_json:
+        output.print_json([i.to_dict() for i in images])
+        return
+    if not images:
+        output.info("No images stored" + (f" for {user}." if user else "."))
+        return
+    output.table(
+        ["ID", "User", "Created", "Size", "Path"],
+        [[i.id, i.user_id, output.local_time(i.created_at), human_size(i.size), str(i.path)] for i in images],
+    )
+
+
+def save(
+    ctx: typer.Context,
+    files: List[Path] = typer.Argument(..., help="PNG, JPEG or WebP files to store.", show_default=False),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="Owner (default: cli.default_user).",
+                                       show_default=False),
+    name: Optional[str] = typer.Option(None, "--name", help="Name to store under (default: the file's name).",
+                                       show_default=False),
+    as_json: bool = JSON,
+) -> None:
+    """Store existing image files for a user, under the same quotas as generated ones.
+
+    Daily generation limits do not apply: nothing is generated.
+    """
+    st = state(ctx)
+    owner = st.user(user)
+    storage = st.storage()
+    stored = []
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            image = storage.store(data, owner, name or path.name,
+                                  metadata={"source": path.name, "operation": "import"})
+        except AbbyError as exc:
+            exc.args = (f"{path}: {exc}",)
+            raise
+        stored.append(image)
+        if not as_json:
+            output.info(f"stored {image.path} (id {image.id}, {human_size(image.size)})")
+    if as_json:
+        output.print_json([i.to_dict() for i in stored])
+
+
+def delete(
+    ctx: typer.Context,
+    refs: List[str] = typer.Argument(..., help="Image ids or paths.", show_default=False),
+    as_json: bool = JSON,
+) -> None:
+    """Delete stored images by id or path; their space is returned to the quota at once."""
+    storage = state(ctx).storage()
+    deleted, failed = [], []
+    for ref in refs:
+        try:
+            image = storage.delete_image(ref)
+        except AbbyError as exc:
+            failed.append({"ref": ref, "error": str(exc)})
+            if not as_json:
+                output.error(str(exc))
+            continue
+        deleted.append(image.to_dict())
+        if not as_json:
+            output.info(f"deleted {image.id} ({image.user_id}, {human_size(image.size)}) {image.path}")
+    if as_json:
+        output.print_json({"deleted": deleted, "failed": failed})
+    if failed:
+        raise typer.Exit(1)
+
+
+def cleanup(
+    ctx: typer.Context,
+    older_than: Optional[float] = typer.Option(
+        None, "--older-than", min=0, help="Delete images created this many days ago or earlier "
+        "(default: storage.cleanup_days; 0 = everything up to now).", show_default=False),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="Only this user's images.", show_default=False),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List exactly what would be deleted; delete nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing unless something fails (for cron)."),
+    as_json: bool = JSON,
+) -> None:
+    """Delete expired images, abandoned temp files and empty user folders.
+
+    Safe for cron and Task Scheduler: never interactive, one run at a time,
+    never follows links, never leaves the storage root.
+    """
+    report = state(ctx).storage().cleanup(older_than, user, dry_run)
+    if as_json:
+        output.print_json(report.to_dict())
+        return
+    if quiet:
+        return
+    verb = "Would delete" if dry_run else "Deleted"
+    if dry_run:
+        for path in report.deleted:
+            output.info(f"would delete {path}")
+        for path in report.temp_files:
+            output.info(f"would delete {path}")
+        for path in report.empty_dirs:
+            output.info(f"would remove empty folder {path}")
+    for path in report.skipped:
+        output.warn(f"not deleted, a link is on its way: {path}")
+    output.info(
+        f"{verb} {len(report.deleted)} image(s) ({human_size(report.freed_bytes)}), "
+        f"{len(report.temp_files)} temp file(s), {len(report.empty_dirs)} empty folder(s); "
+        f"cut-off {output.local_time(report.cutoff)}."
+    )
+
+
+def check(
+    ctx: typer.Context,
+    fix: bool = typer.Option(False, "--fix", help="Repair what can be repaired: drop rows of missing files, adopt "
+                             "unknown images, correct sizes and totals, release stale reservations, remove temp leftovers."),
+    as_json: bool = JSON,
+) -> None:
+    """Reconcile the ledger with the files on disk. Exit 0 when consistent (or all fixed), 1 otherwise."""
+    report = state(ctx).storage().check(fix)
+    if as_json:
+        output.print_json(report.to_dict())
+    else:
+        for p in report.problems:
+            mark = Text("fixed ", style="green") if p.fixed else Text("found ", style="yellow")
+            output.info(mark + Text(f"{p.kind}: {p.path}: {p.detail}"))
+        if not report.problems:
+            output.info(f"Consistent: {report.files_checked} files match the ledger.")
+        else:
+            fixed = len(report.problems) - len(report.remaining)
+            output.info(f"{len(report.problems)} problem(s), {fixed} fixed, {len(report.remaining)} remaining"
+                        + ("" if fix or not report.remaining else "; run `abby check --fix` to repair") + ".")
+    if report.remaining:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quota)
+    app.command("list")(list_images)
+    app.command()(save)
+    app.command()(delete)
+    app.command()(cleanup)
+    app.command()(check)
