@@ -330,7 +330,7 @@ class StorageManager:
             row = None
             if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
                 row = conn.execute(f"SELECT {self._COLUMNS} FROM images WHERE id = ?", (int(ref),)).fetchone()
-            if row is None:
+            if row is None and not isinstance(ref, int):
                 rel = self._rel(ref)
                 if rel is not None:
                     row = conn.execute(f"SELECT {self._COLUMNS} FROM images WHERE rel_path = ?", (rel,)).fetchone()

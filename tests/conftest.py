@@ -1,0 +1,84 @@
+"""Shared fixtures. The autouse fixture keeps every test away from the real
+user config and data dirs, and from abby settings in the caller's environment."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ABBY_ENV = [
+    "ABBY_CONFIG", "ABBY_DEBUG", "STORAGE_ROOT", "MAX_GLOBAL_STORAGE_MB", "MAX_USER_STORAGE_MB",
+    "MAX_USER_DAILY_GENS", "STORAGE_CLEANUP_DAYS", "IMAGE_GEN_SIZE_MB", "STABILITY_API_KEY", "STABILITY_API_HOST",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("home")
+    for var in ABBY_ENV:
+        monkeypatch.delenv(var, raising=False)
+    # platformdirs reads these on Linux (XDG_*), macOS (HOME) and Windows (APPDATA...).
+    for var, sub in [("HOME", ""), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
+                     ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_DIRS", "site"),
+                     ("APPDATA", "appdata"), ("LOCALAPPDATA", "localappdata"), ("PROGRAMDATA", "programdata")]:
+        monkeypatch.setenv(var, str(home / sub))
+    monkeypatch.setenv("NO_COLOR", "1")
+    yield home
+
+
+def make_png(size: int = 1000, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A real PNG, padded after IEND to exactly ``size`` bytes (readers ignore the tail)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, "PNG")
+    data = buf.getvalue()
+    assert size >= len(data), f"a PNG needs at least {len(data)} bytes"
+    return data + b"\0" * (size - len(data))
+
+
+def make_image(fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 120, 200)).save(buf, fmt)
+    return buf.getvalue()
+
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def storage(root):
+    from abbycli import StorageManager
+
+    sm = StorageManager(root, max_global_storage_mb=10, max_user_storage_mb=2, max_user_daily_gens=3, cleanup_days=7,
+                        image_generation_size_mb=0.5)
+    yield sm
+    sm.close()
+
+
+def run_abby(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None):
+    """Run the real entry point in a subprocess, as a user would."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "abbycli", *args], capture_output=True, text=True, env=full_env, cwd=cwd,
+        input=input, timeout=120,
+    )
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,111 @@
+"""Hostile user ids and image names never escape the root or collide."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from abbycli.errors import InvalidInput
+from abbycli.storage.names import (MAX_STEM_BYTES, clean_stem, decode_user_dir, encode_user_id, path_under,
+                                   validate_user_id)
+
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+SAFE_DIR = re.compile(r"^[a-z0-9_^%-]+$")
+
+user_ids = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="/\\"), min_size=1, max_size=40
+).filter(lambda s: s == s.strip())
+
+
+@given(user_ids)
+def test_user_folder_is_safe_and_reversible(user_id):
+    folder = encode_user_id(user_id)
+    assert SAFE_DIR.match(folder), folder
+    assert folder == folder.lower()  # so case-insensitive filesystems cannot merge two users
+    assert folder not in WINDOWS_RESERVED
+    assert folder not in (".", "..")
+    assert decode_user_dir(folder) == user_id
+
+
+@given(user_ids, user_ids)
+def test_different_ids_never_share_a_folder_even_ignoring_case(a, b):
+    if a != b:
+        assert encode_user_id(a).casefold() != encode_user_id(b).casefold()
+
+
+def test_case_matters_for_user_ids():
+    assert encode_user_id("Alice") == "^alice"
+    assert encode_user_id("alice") == "alice"
+    assert encode_user_id("ALICE") != encode_user_id("Alice")
+
+
+@pytest.mark.parametrize("reserved", ["con", "nul", "com1", "lpt9", "aux", "prn"])
+def test_windows_device_names_are_escaped(reserved):
+    folder = encode_user_id(reserved)
+    assert folder != reserved and folder.lower() not in WINDOWS_RESERVED
+    assert decode_user_dir(folder) == reserved
+
+
+def test_snowflake_ids_stay_readable():
+    assert encode_user_id(123456789012345678) == "123456789012345678"
+
+
+@pytest.mark.parametrize("bad", ["", " alice", "alice ", "a\x00b", "a\nb", "../etc", "a/b", "C:\\x", "\\\\srv\\share",
+                                 "x" * 129, None, 1.5])
+def test_unsafe_user_ids_are_refused(bad):
+    with pytest.raises(InvalidInput):
+        validate_user_id(bad)
+        encode_user_id(bad)
+
+
+def test_traversal_looking_ids_without_separators_are_encoded_not_trusted():
+    assert encode_user_id("..") == "%2e%2e"
+    assert encode_user_id("C:") == "^c%3a"
+
+
+@pytest.mark.parametrize("name", ["^Alice", "%zz", "ABC", "a%2f", "%63on".upper(), "", "%ff"])
+def test_folders_abby_never_makes_do_not_decode(name):
+    assert decode_user_dir(name) is None
+
+
+hostile_names = st.one_of(
+    st.text(max_size=300),
+    st.sampled_from(["../../etc/passwd", "..\\..\\windows\\system32", "C:\\evil.png", "\\\\server\\share\\x.png",
+                     "/abs/path.png", "CON", "nul.png", "COM1.txt", "name. . .", "trailing ", "a\x00b.png",
+                     ".hidden", "...", "", "x" * 500 + ".png", "lpt1.tar.gz"]),
+)
+
+
+@settings(max_examples=300)
+@given(hostile_names)
+def test_image_stems_are_always_harmless(name):
+    stem = clean_stem(name)
+    assert stem
+    assert "/" not in stem and "\\" not in stem and ":" not in stem
+    assert not any(ord(c) < 32 for c in stem)
+    assert stem == stem.strip(" .")
+    assert stem not in (".", "..")
+    assert stem.split(".")[0].lower() not in WINDOWS_RESERVED
+    assert len(stem.encode("utf-8")) <= MAX_STEM_BYTES
+
+
+def test_image_names_keep_their_readable_part():
+    assert clean_stem("../../etc/passwd") == "passwd"
+    assert clean_stem("C:\\Users\\me\\sunset.png") == "sunset"
+    assert clean_stem("CON.png") == "_CON"
+    assert clean_stem("my cat!.jpg") == "my cat"
+    assert clean_stem("") == "image"
+
+
+def test_path_under_refuses_escapes(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    assert path_under(root, "images", "a") == root / "images" / "a"
+    with pytest.raises(InvalidInput):
+        path_under(root, "..", "outside")
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(InvalidInput):
+        path_under(root, "link", "x")
