@@ -1,0 +1,71 @@
+"""A separate process that uses the store, for concurrency and crash tests.
+
+    python worker.py ROOT ACTION USER COUNT SIZE START_AT [LIMITS_JSON]
+
+Prints one JSON line: how many operations succeeded and were refused.
+ACTION is save, reserve, save-then-die, temp-then-die, reserve-then-die or save-forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from abbycli import QuotaExceeded, StorageManager  # noqa: E402
+from conftest import make_png  # noqa: E402
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    root, action, user, count, size, start_at = sys.argv[1:7]
+    limits = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
+    sm = StorageManager(root, **limits)
+    data = make_png(int(size))
+    if action == "save-then-die":  # killed after the file is in place, before the commit
+        original = StorageManager._place
+
+        def place_and_die(temp, final):
+            original(temp, final)
+            die()
+
+        sm._place = place_and_die
+    elif action == "temp-then-die":  # killed after the temp file is written
+        original_temp = sm._write_temp
+
+        def temp_and_die(payload):
+            original_temp(payload)
+            die()
+
+        sm._write_temp = temp_and_die
+    while time.time() < float(start_at):  # start together, for maximum contention
+        time.sleep(0.001)
+    ok = refused = 0
+    n = int(count)
+    i = 0
+    while action == "save-forever" or i < n:
+        i += 1
+        try:
+            if action == "reserve":
+                sm.quota.reserve_generation(user)
+            elif action == "reserve-then-die":
+                sm.quota.reserve_generation(user)
+                die()
+            else:
+                sm.store(data, user)
+            ok += 1
+        except QuotaExceeded:
+            refused += 1
+    print(json.dumps({"ok": ok, "refused": refused}))
+
+
+if __name__ == "__main__":
+    main()
