@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from abbycli.errors import InvalidInput
 from abbycli.storage.names import (MAX_STEM_BYTES, clean_stem, decode_user_dir, encode_user_id, path_under,
@@ -20,9 +20,19 @@ user_ids = st.text(
 ).filter(lambda s: s == s.strip())
 
 
+def folder_or_none(user_id):
+    """The folder, or None for ids whose safe form is too long (those are refused)."""
+    try:
+        return encode_user_id(user_id)
+    except InvalidInput as exc:
+        assert "too long" in str(exc)
+        return None
+
+
 @given(user_ids)
 def test_user_folder_is_safe_and_reversible(user_id):
-    folder = encode_user_id(user_id)
+    folder = folder_or_none(user_id)
+    assume(folder is not None)
     assert SAFE_DIR.match(folder), folder
     assert folder == folder.lower()  # so case-insensitive filesystems cannot merge two users
     assert folder not in WINDOWS_RESERVED
@@ -32,8 +42,9 @@ def test_user_folder_is_safe_and_reversible(user_id):
 
 @given(user_ids, user_ids)
 def test_different_ids_never_share_a_folder_even_ignoring_case(a, b):
-    if a != b:
-        assert encode_user_id(a).casefold() != encode_user_id(b).casefold()
+    fa, fb = folder_or_none(a), folder_or_none(b)
+    assume(a != b and fa and fb)
+    assert fa.casefold() != fb.casefold()
 
 
 def test_case_matters_for_user_ids():
@@ -47,6 +58,11 @@ def test_windows_device_names_are_escaped(reserved):
     folder = encode_user_id(reserved)
     assert folder != reserved and folder.lower() not in WINDOWS_RESERVED
     assert decode_user_dir(folder) == reserved
+
+
+def test_ids_whose_safe_form_is_too_long_are_refused():
+    with pytest.raises(InvalidInput, match="too long"):
+        encode_user_id("\U0001f600" * 20)  # 20 emoji: 240 characters once encoded
 
 
 def test_snowflake_ids_stay_readable():

@@ -125,11 +125,10 @@ class Ledger:
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                # Idempotent (IF NOT EXISTS), so two processes creating it at once is harmless.
-                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            if (conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+                    or conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION):
+                self._initialise(conn)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StorageError(f"ledger {self.path} was written by a newer abby (schema {version}); upgrade abby")
@@ -138,6 +137,21 @@ class Ledger:
         except OSError as exc:
             raise StorageError(f"cannot open the ledger {self.path}: {exc.strerror or exc}") from exc
         return conn
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL and create the schema, one process at a time.
+
+        Several processes may open a new root at the same moment, and SQLite
+        answers a concurrent journal-mode switch with "database is locked"
+        at once instead of waiting, so the first set-up is serialised by a lock file.
+        """
+        from filelock import FileLock
+
+        with FileLock(self.path.with_name("ledger.init.lock"), timeout=self._busy_timeout):
+            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                # IF NOT EXISTS throughout, so a half-made schema is completed safely.
+                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
