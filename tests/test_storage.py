@@ -294,3 +294,32 @@ def test_two_managers_on_one_root_share_totals(root):
     b.store(make_png(MIB - 1000), "alice")
     with pytest.raises(UserQuotaExceeded):
         a.store(make_png(2000), "alice")
+
+
+def test_a_full_disk_leaves_nothing_behind(storage, root, monkeypatch):
+    import errno
+
+    storage.store(make_png(1000), "alice")
+
+    def no_space(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", no_space)
+    ok, message, path = save(storage, make_png(5000))
+    assert (ok, path) == (False, None) and "disk is full" in message
+    monkeypatch.undo()
+    assert list((root / "temp").iterdir()) == []
+    assert storage.get_quota_status("alice")["user"]["used_bytes"] == 1000
+    assert storage.check().problems == []
+
+
+def test_network_filesystems_are_recognised(tmp_path, monkeypatch):
+    from abbycli.storage import safefs
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"server:/export {tmp_path}/nfs nfs4 rw 0 0\n/dev/vda / ext4 rw 0 0\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(mounts if f == "/proc/self/mounts" else f, *a, **k))
+    if os.name == "posix":
+        assert safefs.network_filesystem(tmp_path / "nfs" / "abby") == "nfs4"
+        assert safefs.network_filesystem(tmp_path / "local") is None

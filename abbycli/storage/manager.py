@@ -33,7 +33,7 @@ from .formats import EXTENSIONS, sniff_format
 from .ledger import Ledger
 from .names import clean_stem, decode_user_dir, encode_user_id, path_under, validate_user_id
 from .quota import Limits, QuotaManager, Reservation, human_size, mib
-from .safefs import SafeRemover, is_link
+from .safefs import SafeRemover, is_link, network_filesystem
 
 USERS_DIR = "images/users"
 STALE_AFTER_SECONDS = 3600  # a temp file or reservation this old is abandoned, whatever its pid
@@ -79,7 +79,7 @@ class CleanupReport:
 
 @dataclass
 class Problem:
-    kind: str  # missing_file | orphan_file | size_mismatch | stale_reservation | temp_leftover | totals | foreign
+    kind: str  # missing_file orphan_file size_mismatch stale_reservation temp_leftover totals foreign network_share
     path: str
     detail: str
     fixed: bool = False
@@ -528,6 +528,12 @@ class StorageManager:
                         problem.fixed = remover.unlink(rel) in ("deleted", "missing")
             for path, why in foreign:
                 report.problems.append(Problem("foreign", path, why))
+            remote = network_filesystem(self.root)
+            if remote:
+                report.problems.append(Problem(
+                    "network_share", str(self.root),
+                    f"the root is on a network filesystem ({remote}); SQLite's locking cannot keep "
+                    "processes on different machines within the limits: use a local disk"))
         return report
 
     def _scan(self) -> tuple[dict[str, int], list[tuple[str, str]]]:

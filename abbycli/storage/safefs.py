@@ -113,3 +113,31 @@ class SafeRemover:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Filesystems where SQLite's WAL locking does not work across machines.
+_NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "davfs",
+               "fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuse.gcsfuse"}
+
+
+def network_filesystem(path: Path) -> str | None:
+    """The type of network filesystem holding ``path``, or None if local or unknown."""
+    real = os.path.realpath(path)
+    if os.name == "nt":
+        if real.startswith("\\\\"):
+            return "UNC share"
+        import ctypes
+
+        drive = os.path.splitdrive(real)[0] + "\\"
+        return "network drive" if ctypes.windll.kernel32.GetDriveTypeW(drive) == 4 else None  # DRIVE_REMOTE
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            mounts = [line.split()[1:3] for line in fh]
+    except OSError:
+        return None  # not Linux: no cheap way to tell
+    best, fstype = "", None
+    for mount_point, kind in mounts:
+        mount_point = mount_point.replace("\\040", " ")
+        if (real == mount_point or real.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(best):
+            best, fstype = mount_point, kind
+    return fstype if fstype in _NETWORK_FS else None
