@@ -94,6 +94,26 @@ def _user_id(value: Any) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _model(value: Any) -> str:
+    from .generation.request import family
+
+    value = _non_empty(value)
+    try:
+        family(value)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _upscale_mode(value: Any) -> str:
+    from .generation.request import UPSCALE_MODES
+
+    value = _non_empty(value)
+    if value not in UPSCALE_MODES:
+        raise ValueError(f"unknown upscale mode {value!r}; choose one of: {', '.join(UPSCALE_MODES)}")
+    return value
+
+
 def _provider(value: Any) -> str:
     value = _non_empty(value)
     if value != "stability":
@@ -164,7 +184,15 @@ KEYS: dict[str, Key] = {
         Key("generation.api_key", _non_empty, None,
             "API key. Prefer the STABILITY_API_KEY environment variable; if you set it here,\n"
             "keep this file private (abby writes it with mode 0600).", env="STABILITY_API_KEY", secret=True),
-        Key("generation.model", _non_empty, "core", "Default text-to-image model."),
+        Key("generation.model", _model, "core",
+            "Default text-to-image model: core, ultra, sd3.5-large, sd3.5-large-turbo, sd3.5-medium,\n"
+            "sd3.5-flash, or a v1 engine id such as stable-diffusion-xl-1024-v1-0."),
+        Key("generation.img2img_model", _model, "sd3.5-large", "Default image-to-image model."),
+        Key("generation.upscale_mode", _upscale_mode, None,
+            "Default upscale mode: fast, conservative, creative, esrgan or local.\n"
+            "Default: fast when an API key is set, local (offline, free) when not."),
+        Key("generation.upscale_timeout", _positive_number, 600,
+            "Seconds to wait for a creative upscale to finish.", from_text=_num_text),
         Key("cli.default_user", _user_id, None,
             "User id the command line acts for when --user is not given."),
     ]
@@ -207,6 +235,9 @@ class GenerationSettings:
     api_host: str = "https://api.stability.ai"
     api_key: str | None = field(default=None, repr=False)  # never in a repr or traceback
     model: str = "core"
+    img2img_model: str = "sd3.5-large"
+    upscale_mode: str | None = None
+    upscale_timeout: float = 600
 
 
 @dataclass(frozen=True)
@@ -403,7 +434,8 @@ def render_template(values: Mapping[str, Any] | None = None) -> str:
             if key.name in values:
                 lines.append(tomli_w.dumps({key.short: values[key.name]}).strip())
             elif key.default is None:
-                example = {"storage.root": "/srv/abby/shared", "cli.default_user": "alice"}.get(key.name, "")
+                example = {"storage.root": "/srv/abby/shared", "cli.default_user": "alice",
+                           "generation.upscale_mode": "local"}.get(key.name, "")
                 lines.append(f'# {key.short} = "{example}"')
             else:
                 lines.append("# " + tomli_w.dumps({key.short: key.default}).strip())

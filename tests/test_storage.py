@@ -118,7 +118,7 @@ def test_daily_reserve_confirm_refund(storage):
     assert storage.get_quota_status("alice")["user"]["reserved_bytes"] == 0
     for _ in range(3):
         q.confirm(q.reserve_generation("alice"))
-    with pytest.raises(DailyLimitReached, match="all 3 generations"):
+    with pytest.raises(DailyLimitReached, match="0 of 3 are left today"):
         q.reserve_generation("alice")
     assert q.reserve_generation("bob")
 

@@ -110,8 +110,9 @@ def state(ctx: typer.Context) -> State:
 
 
 def _register() -> None:
-    from . import config_cmds, storage_cmds
+    from . import config_cmds, gen_cmds, storage_cmds
 
+    gen_cmds.register(app)
     storage_cmds.register(app)
     app.add_typer(config_cmds.app, name="config")
 

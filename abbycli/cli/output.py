@@ -35,6 +35,10 @@ def warn(message: str) -> None:
     err_console.print(Text(f"abby: warning: {message}", style="yellow"))
 
 
+def note(message: str) -> None:
+    err_console.print(Text(f"abby: note: {message}", style="dim"))
+
+
 def info(message: str | Text) -> None:
     console.print(message)
 
@@ -65,3 +69,31 @@ def status_text(status: str) -> Text:
 
 def local_time(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+class activity:
+    """A spinner with elapsed time on a terminal; nothing when piped or for --json.
+
+    Used as ``with activity("generating") as progress:``; ``progress(text)``
+    updates the line (the creative upscale reports its polling through it).
+    """
+
+    def __init__(self, text: str, enabled: bool = True):
+        self.text = text
+        self.enabled = enabled and err_console.is_terminal
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda _text: None
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                  console=err_console, transient=True)
+        self._progress.start()
+        task = self._progress.add_task(self.text)
+        return lambda text: self._progress.update(task, description=f"{self.text}: {text}")
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()

@@ -130,23 +130,31 @@ class QuotaManager:
         Raises DailyLimitReached, UserQuotaExceeded or GlobalQuotaExceeded.
         Follow with confirm() on success or refund() on any failure.
         """
+        return self.reserve_generations(user_id, 1, nbytes)[0]
+
+    def reserve_generations(self, user_id: str, count: int, nbytes: int | None = None) -> list[Reservation]:
+        """Reserve ``count`` generations at once, or none: asking for 4 with 2 left is refused whole."""
         user_id = validate_user_id(user_id)
         nbytes = self.limits.generation_bytes if nbytes is None else nbytes
         day = self.today()
         with self.ledger.write() as conn:
             used, held = self._daily_taken(conn, user_id, day)
-            if used + held >= self.limits.daily_gens:
+            left = self.limits.daily_gens - used - held
+            if count > left:
+                running = f", {held} still running" if held else ""
+                wanted = f"{count} generations were asked for but" if count > 1 else "this generation needs one but"
                 raise DailyLimitReached(
-                    f"user {user_id!r} has used all {self.limits.daily_gens} generations for today"
-                    + (f" ({held} still running)" if held else "")
-                    + f"; the limit resets at {self.next_reset():%Y-%m-%d %H:%M %Z}"
+                    f"user {user_id!r} has reached the daily limit: {wanted} {max(left, 0)} of "
+                    f"{self.limits.daily_gens} are left today{running}; "
+                    f"the limit resets at {self.next_reset():%Y-%m-%d %H:%M %Z}"
                 )
-            self.check_room(conn, user_id, nbytes)
-            cur = conn.execute(
+            self.check_room(conn, user_id, nbytes * count)
+            now, pid, host = time.time(), os.getpid(), socket.gethostname()
+            ids = [conn.execute(
                 "INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (user_id, day, nbytes, os.getpid(), socket.gethostname(), time.time()),
-            )
-        return Reservation(cur.lastrowid, user_id, day, nbytes)
+                (user_id, day, nbytes, pid, host, now),
+            ).lastrowid for _ in range(count)]
+        return [Reservation(i, user_id, day, nbytes) for i in ids]
 
     def settle(self, conn: sqlite3.Connection, reservation: Reservation, charge: bool) -> None:
         """Release a reservation's room and, if ``charge``, count its daily slot."""

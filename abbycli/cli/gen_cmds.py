@@ -1,0 +1,284 @@
+"""Generation commands: generate, img2img, upscale, info, balance."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import AbbyError, InvalidInput, NotFound
+from ..storage.quota import human_size, mib
+from . import output
+from .app import state
+
+USER = typer.Option(None, "--user", "-u", help="User the image is generated for (default: cli.default_user).",
+                    show_default=False)
+MODEL = typer.Option(None, "--model", "-m", help="core, ultra, sd3.5-large, sd3.5-large-turbo, sd3.5-medium, "
+                     "sd3.5-flash or a v1 engine id (default: generation.model).", show_default=False)
+STYLE = typer.Option(None, "--style", help="Style preset, e.g. anime, photographic, pixel-art.", show_default=False)
+NEGATIVE = typer.Option(None, "--negative", help="What you do not want to see.", show_default=False)
+SEED = typer.Option(None, "--seed", min=0, help="Seed (0 asks the API for a random one).", show_default=False)
+FORMAT = typer.Option("png", "--format", "-f", help="png, jpeg or webp (where the model allows it).")
+COUNT = typer.Option(1, "--count", "-n", min=1, max=10, help="How many images (each one is a paid generation).")
+CONCURRENCY = typer.Option(4, "--concurrency", min=1, max=16, help="Requests in flight at once.")
+OUT = typer.Option(None, "--out", "-o", help="Also copy the result here (a folder, or a file name).",
+                   show_default=False)
+JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the request and its quota impact; send nothing.")
+
+
+def _read_image(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_json: bool, dry_run: bool,
+         concurrency: int, name: Optional[str] = None) -> None:
+    from ..generation.generator import ImageGenerator
+    from ..pipeline import generate
+
+    st = state(ctx)
+    owner = st.user(user)
+    settings = st.settings()
+    storage = st.storage()
+    generator = ImageGenerator.from_settings(settings)
+    req = generator.prepare(req)  # every value checked before anything else happens
+    if dry_run:
+        _dry_run(generator, storage, req, owner, as_json)
+        return
+
+    async def go():
+        async with generator:
+            with output.activity(f"{_verb(req)} for {owner}", enabled=not as_json) as progress:
+                return await generate(storage, generator, req, owner, name=name, concurrency=concurrency,
+                                      progress=progress)
+
+    result = asyncio.run(go())
+    copies = _copy_out(result, out) if out else {}
+    if as_json:
+        images = [o.to_dict() | ({"out": str(copies[i])} if i in copies else {})
+                  for i, o in enumerate(result.outcomes)]
+        output.print_json({"user_id": owner, "operation": req.operation, "images": images,
+                           "quota": storage.get_quota_status(owner)})
+    else:
+        for i, o in enumerate(result.outcomes):
+            for note in o.image.notes if o.image else []:
+                output.note(note)
+            if o.stored:
+                seed = f", seed {o.image.seed}" if o.image and o.image.seed is not None else ""
+                output.info(f"stored {o.stored.path} (id {o.stored.id}, {human_size(o.stored.size)}{seed})")
+            if i in copies:
+                output.info(f"copied to {copies[i]}")
+            if o.error:
+                output.error(str(o.error))
+        daily = storage.get_quota_status(owner)["daily"]
+        if not generator.is_free(req):
+            output.info(f"{daily['remaining']} of {daily['limit']} generations left today for {owner}.")
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def _verb(req) -> str:
+    if req.operation == "upscale":
+        return f"upscaling ({req.mode})"
+    count = f"{req.count} images" if req.count > 1 else "an image"
+    return f"generating {count} with {req.model}"
+
+
+def _dry_run(generator, storage, req, owner: str, as_json: bool) -> None:
+    free = generator.is_free(req)
+    slots = 0 if free else (req.count if req.operation != "upscale" else 1)
+    status = storage.get_quota_status(owner)
+    reserve = slots * storage.limits.generation_bytes
+    refusal = None
+    if slots > status["daily"]["remaining"]:
+        refusal = f"the daily limit: {status['daily']['remaining']} generations left, {slots} needed"
+    elif status["user"]["used_bytes"] + status["user"]["reserved_bytes"] + reserve > status["user"]["limit_bytes"]:
+        refusal = "the per-user storage cap"
+    elif status["global"]["used_bytes"] + status["global"]["reserved_bytes"] + reserve > status["global"]["total_bytes"]:
+        refusal = "the global storage cap"
+    requests = [] if free else [c.describe(generator.client.host) for c in generator.client.plan(req)]
+    impact = {"daily_slots": slots, "daily_remaining_before": status["daily"]["remaining"],
+              "reserved_mb": mib(reserve), "would_be_refused_by": refusal}
+    if as_json:
+        output.print_json({"dry_run": True, "user_id": owner, "requests": requests,
+                           "local": free, "quota": impact})
+        return
+    if free:
+        output.info(f"local upscale (Pillow LANCZOS, offline, no credits) to "
+                    f"{f'width {req.width}' if req.width else f'factor {req.factor or 2:g}'}")
+    for r in requests:
+        output.info(f"{r['method']} {r['url']}")
+        for k, v in r["headers"].items():
+            output.info(f"  {k}: {v}")
+        for k, v in (r.get("json") or r.get("multipart") or {}).items():
+            output.info(f"  {k} = {v}")
+    output.info(f"quota: {slots} daily generation(s) of {status['daily']['remaining']} left, "
+                f"{human_size(reserve)} reserved" + (f"; WOULD BE REFUSED by {refusal}" if refusal else ""))
+
+
+def _copy_out(result, out: Path) -> dict[int, Path]:
+    """Copy each stored image (or an image that could not be stored: it was paid for) to --out."""
+    copies: dict[int, Path] = {}
+    done = [(i, o) for i, o in enumerate(result.outcomes) if o.stored or (o.image and not o.image.filtered)]
+    for n, (i, o) in enumerate(done, start=1):
+        ext = "." + (o.stored.format if o.stored else o.image.format).replace("jpeg", "jpg")
+        if out.is_dir() or str(out).endswith(("/", os.sep)):
+            target = out / (o.stored.path.name if o.stored else f"abby-{n}{ext}")
+        else:
+            stem = out.with_suffix("") if out.suffix else out
+            target = stem.with_name(stem.name + (f"-{n}" if len(done) > 1 else "")).with_suffix(ext)
+            if out.suffix and out.suffix.lower() not in (ext, ".jpeg" if ext == ".jpg" else ext):
+                output.warn(f"the image is {ext[1:].upper()}, so it was written as {target.name}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if o.stored:
+                shutil.copyfile(o.stored.path, target)
+            else:
+                target.write_bytes(o.image.data)
+        except OSError as exc:
+            output.error(f"cannot write {target}: {exc.strerror or exc}")
+            continue
+        copies[i] = target
+    return copies
+
+
+def generate_cmd(
+    ctx: typer.Context,
+    prompt: str = typer.Argument(..., help="What the image should show.", show_default=False),
+    user: Optional[str] = USER, model: Optional[str] = MODEL, style: Optional[str] = STYLE,
+    negative: Optional[str] = NEGATIVE,
+    aspect: Optional[str] = typer.Option(None, "--aspect", "-a", help="Aspect ratio for v2beta models: 21:9, 16:9, "
+                                         "3:2, 5:4, 1:1, 4:5, 2:3, 9:16, 9:21.", show_default=False),
+    width: Optional[int] = typer.Option(None, "--width", help="Width for v1 engines (SDXL sizes only).",
+                                        show_default=False),
+    height: Optional[int] = typer.Option(None, "--height", help="Height for v1 engines.", show_default=False),
+    seed: Optional[int] = SEED, fmt: str = FORMAT, count: int = COUNT, concurrency: int = CONCURRENCY,
+    out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
+) -> None:
+    """Generate images from a text prompt and store them under the user's quota."""
+    from ..generation.request import ImageRequest
+
+    req = ImageRequest("text-to-image", prompt=prompt, model=model, style_preset=style, negative_prompt=negative,
+                       aspect_ratio=aspect, width=width, height=height, seed=seed, output_format=fmt, count=count)
+    _run(ctx, req, user, out, as_json, dry_run, concurrency)
+
+
+def img2img_cmd(
+    ctx: typer.Context,
+    image: Path = typer.Argument(..., help="The starting image (PNG, JPEG or WebP).", show_default=False),
+    prompt: str = typer.Argument(..., help="What the new image should show.", show_default=False),
+    user: Optional[str] = USER,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="ultra, an sd3.5 model or a v1 engine id "
+                                        "(default: generation.img2img_model).", show_default=False),
+    strength: Optional[float] = typer.Option(None, "--strength", "-s", min=0.0, max=1.0,
+                                             help="How far to move from the input: 0 keeps it, 1 ignores it "
+                                             "(default 0.5; v1: image strength, default 0.35).", show_default=False),
+    style: Optional[str] = STYLE, negative: Optional[str] = NEGATIVE, seed: Optional[int] = SEED,
+    fmt: str = FORMAT, count: int = COUNT, concurrency: int = CONCURRENCY,
+    out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
+) -> None:
+    """Generate images from an image and a prompt."""
+    from ..generation.request import ImageRequest
+
+    req = ImageRequest("image-to-image", prompt=prompt, image=_read_image(image), model=model, strength=strength,
+                       style_preset=style, negative_prompt=negative, seed=seed, output_format=fmt, count=count)
+    _run(ctx, req, user, out, as_json, dry_run, concurrency)
+
+
+def upscale_cmd(
+    ctx: typer.Context,
+    image: Path = typer.Argument(..., help="The image to upscale.", show_default=False),
+    user: Optional[str] = USER,
+    mode: Optional[str] = typer.Option(None, "--mode", help="fast (4x), conservative, creative, esrgan (2x) or "
+                                       "local (offline, free). Default: generation.upscale_mode, else fast with an "
+                                       "API key and local without.", show_default=False),
+    width: Optional[int] = typer.Option(None, "--width", "-w", min=1, help="Exact output width in pixels.",
+                                        show_default=False),
+    factor: Optional[float] = typer.Option(None, "--factor", "-x", help="Exact scale factor, e.g. 2 or 3.5.",
+                                           show_default=False),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Needed by conservative and creative.",
+                                         show_default=False),
+    negative: Optional[str] = NEGATIVE, seed: Optional[int] = SEED, style: Optional[str] = STYLE,
+    creativity: Optional[float] = typer.Option(None, "--creativity", help="conservative 0.2-0.5, creative 0.1-0.5.",
+                                               show_default=False),
+    fmt: str = FORMAT, out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
+) -> None:
+    """Upscale an image to an exact width or factor, and store it under the user's quota.
+
+    The local mode needs no key, no network and no credits, and takes no daily generation.
+    """
+    from ..generation.request import ImageRequest
+
+    req = ImageRequest("upscale", image=_read_image(image), mode=mode, width=width, factor=factor, prompt=prompt,
+                       negative_prompt=negative, seed=seed, style_preset=style, creativity=creativity,
+                       output_format=fmt)
+    _run(ctx, req, user, out, as_json, dry_run, 1, name=f"{image.stem}-upscaled")
+
+
+def info_cmd(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., help="A stored image's id or path, or any image file.", show_default=False),
+    as_json: bool = JSON,
+) -> None:
+    """Show the generation parameters stored with an image."""
+    from ..generation.imaging import read_metadata
+
+    data: dict[str, Any] = {}
+    path: Optional[Path] = None
+    try:
+        stored = state(ctx).storage().get_image(target)
+        data = stored.to_dict()
+        path = stored.path
+    except NotFound:
+        path = Path(target)
+        if not path.is_file():
+            raise NotFound(f"{target!r} is neither a stored image nor a file") from None
+        data = {"path": str(path), "size": path.stat().st_size}
+    try:
+        with open(path, "rb") as fh:
+            data["embedded"] = read_metadata(fh.read())
+    except OSError as exc:
+        data["embedded"] = None
+        output.warn(f"cannot read {path}: {exc.strerror or exc}")
+    if as_json:
+        output.print_json(data)
+        return
+    meta = data.get("metadata") or data.get("embedded") or {}
+    rows = [(k, data[k]) for k in ("id", "user_id", "path", "size", "format", "created_at") if k in data]
+    rows += [(k, v) for k, v in meta.items()]
+    for key, value in rows:
+        output.info(f"{key:>16}: {value}")
+    if not meta:
+        output.info("no generation parameters are stored with this image")
+
+
+def balance_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
+    """Show the Stability account's credit balance."""
+    from ..generation.stability import StabilityClient
+
+    g = state(ctx).settings().generation
+
+    async def go():
+        async with StabilityClient(g.api_key, g.api_host) as client:
+            return await client.balance()
+
+    credits = asyncio.run(go())
+    if as_json:
+        output.print_json({"credits": credits})
+    else:
+        output.info(f"{credits:.2f} credits")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_cmd)
+    app.command("img2img")(img2img_cmd)
+    app.command("upscale")(upscale_cmd)
+    app.command("info")(info_cmd)
+    app.command("balance")(balance_cmd)

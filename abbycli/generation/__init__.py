@@ -1,0 +1,1 @@
+"""Image generation: provider-neutral requests, the Stability client, local operations, image checks."""

@@ -1,0 +1,136 @@
+"""ImageGenerator: the seed's tuple-returning facade over a typed, raising API.
+
+``generate()`` is the typed API: it validates a request, sends it (or runs it
+locally) and returns one entry per image: a ``GeneratedImage`` or the
+``ProviderError`` that image failed with. The seed's methods
+(``text_to_image`` and friends) wrap it and never raise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import AbbyError, ConfigError, ContentFiltered, ProviderError
+from .imaging import inspect, resize
+from .local import target_size, upscale_local
+from .request import GeneratedImage, ImageRequest, validate
+from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_limited
+
+# What each paid upscale returns, as a multiple of the input width.
+NATIVE_FACTOR = {"fast": 4.0, "esrgan": 2.0, "conservative": 4.0, "creative": 4.0}
+
+
+class ImageGenerator:
+    def __init__(
+        self,
+        api_key: str | None = None,
+        api_host: str = DEFAULT_HOST,
+        *,
+        transport: Any = None,
+        model: str = "core",
+        img2img_model: str = "sd3.5-large",
+        upscale_mode: str | None = None,
+        **client_options: Any,
+    ):
+        self.client = StabilityClient(api_key, api_host, transport=transport, **client_options)
+        self.model = model
+        self.img2img_model = img2img_model
+        # A fresh machine without a key can still upscale: locally.
+        self.upscale_mode = upscale_mode or ("fast" if api_key else "local")
+
+    @classmethod
+    def from_settings(cls, settings, **options: Any) -> "ImageGenerator":
+        g = settings.generation
+        return cls(g.api_key, g.api_host, model=g.model, img2img_model=g.img2img_model,
+                   upscale_mode=g.upscale_mode, poll_timeout=g.upscale_timeout, **options)
+
+    def __repr__(self) -> str:
+        return f"ImageGenerator(api_host={self.client.host!r}, model={self.model!r})"
+
+    async def __aenter__(self) -> "ImageGenerator":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # --- the typed API ---------------------------------------------------------------
+    def prepare(self, req: ImageRequest) -> ImageRequest:
+        """Fill in the defaults and validate; raises InvalidInput before anything is sent."""
+        if req.operation == "upscale" and req.mode is None:
+            req = req.with_(mode=self.upscale_mode)
+        elif req.operation == "text-to-image" and req.model is None:
+            req = req.with_(model=self.model)
+        elif req.operation == "image-to-image" and req.model is None:
+            req = req.with_(model=self.img2img_model)
+        req = validate(req)
+        if not self.is_free(req) and not self.client.has_key:
+            raise ConfigError(f"no Stability API key: {KEY_HELP}")
+        if req.image is not None:
+            inspect(req.image)  # a broken input image is refused before any credit is spent
+        return req
+
+    @staticmethod
+    def is_free(req: ImageRequest) -> bool:
+        """A local upscale costs no credits and takes no daily slot."""
+        return req.operation == "upscale" and req.mode == "local"
+
+    async def generate(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
+                       progress: Progress | None = None) -> list[GeneratedImage | ProviderError]:
+        """Validate and run a request; one entry per image (an image or the error it failed with)."""
+        return await self.run(self.prepare(req), user_id=user_id, concurrency=concurrency, progress=progress)
+
+    async def run(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
+                  progress: Progress | None = None) -> list[GeneratedImage | ProviderError]:
+        """Run a request that ``prepare()`` has already checked."""
+        if self.is_free(req):
+            return [upscale_local(req)]
+        calls = self.client.plan(req)
+        results = await gather_limited(
+            [lambda c=c: self.client.send(c, user_id, progress) for c in calls], concurrency
+        )
+        images: list[GeneratedImage | ProviderError] = []
+        for call, result in zip(calls, results):
+            images.extend(result if isinstance(result, list) else [result] * call.images)
+        if req.operation == "upscale":
+            images = [self._exact_size(req, i) if isinstance(i, GeneratedImage) else i for i in images]
+        return images
+
+    @staticmethod
+    def _exact_size(req: ImageRequest, image: GeneratedImage) -> GeneratedImage:
+        """Honour --width/--factor exactly, whatever size the provider returned."""
+        _f, in_w, in_h = inspect(req.image)
+        tw, th = target_size(in_w, in_h, req, NATIVE_FACTOR[req.mode])
+        _f, w, h = inspect(image.data, from_provider=True)
+        if (w, h) == (tw, th):
+            return image
+        how = "down" if w * h > tw * th else "up"
+        image.data = resize(image.data, tw, th, image.format)
+        image.notes.append(f"the provider returned {w}x{h}; scaled {how} to {tw}x{th} (LANCZOS) as asked")
+        return image
+
+    # --- the seed's API: (success, image bytes, message), never raises ---------------
+    async def text_to_image(self, prompt: str, style_preset: str | None = None, **options: Any):
+        return await self._first(ImageRequest("text-to-image", prompt=prompt, style_preset=style_preset, **options))
+
+    async def image_to_image(self, image_data: bytes, prompt: str, **options: Any):
+        return await self._first(ImageRequest("image-to-image", prompt=prompt, image=image_data, **options))
+
+    async def upscale_image(self, image_data: bytes, width: int | None = None, **options: Any):
+        return await self._first(ImageRequest("upscale", image=image_data, width=width, **options))
+
+    async def _first(self, req: ImageRequest) -> tuple[bool, bytes | None, str]:
+        try:
+            result = (await self.generate(req))[0]
+            if isinstance(result, Exception):
+                raise result
+            if result.filtered:
+                raise ContentFiltered("the image was blocked by the provider's content filter")
+        except AbbyError as exc:
+            return False, None, str(exc)
+        except Exception as exc:  # the seed's contract: a message, never an exception
+            return False, None, f"image generation failed: {type(exc).__name__}: {exc}"
+        seed = f", seed {result.seed}" if result.seed is not None else ""
+        return True, result.data, f"generated with {result.model}{seed}"

@@ -1,0 +1,140 @@
+"""The generation pipeline shared by the CLI and the bot.
+
+1. Reserve daily slots and room for the user; at a limit, refuse with no request sent.
+2. Call the provider.
+3. Check the returned bytes (done by the client: signature and a full decode).
+4. Embed the parameters and save through StorageManager, atomically; the
+   reservation is confirmed in the same transaction as the image row.
+5. Refund every reservation that did not become a stored image: failures,
+   filtered images and anything interrupted.
+
+A local upscale costs no credits, so it takes no daily slot; it still obeys
+the storage caps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import AbbyError, ContentFiltered
+from .generation.generator import ImageGenerator
+from .generation.imaging import embed_metadata
+from .generation.request import GeneratedImage, ImageRequest
+from .generation.stability import Progress
+from .storage.manager import StorageManager, StoredImage
+
+
+@dataclass
+class ImageOutcome:
+    stored: StoredImage | None = None
+    image: GeneratedImage | None = None  # kept on failure too, when the provider did return one
+    error: AbbyError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": str(self.stored.path) if self.stored else None}
+        if self.stored:
+            out |= {"id": self.stored.id, "bytes": self.stored.size, "format": self.stored.format}
+        if self.image:
+            out |= {"seed": self.image.seed, "finish_reason": self.image.finish_reason, "model": self.image.model,
+                    "notes": self.image.notes}
+        if self.error:
+            out |= {"error": str(self.error), "error_type": type(self.error).__name__}
+        return out
+
+
+@dataclass
+class GenerationResult:
+    request: ImageRequest
+    outcomes: list[ImageOutcome] = field(default_factory=list)
+
+    @property
+    def stored(self) -> list[StoredImage]:
+        return [o.stored for o in self.outcomes if o.stored]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every image was stored, else the code of the first one that was not."""
+        for o in self.outcomes:
+            if o.error is not None:
+                return o.error.exit_code
+        return 0
+
+
+def _stem(req: ImageRequest, name: str | None) -> str:
+    if name:
+        return name
+    if req.prompt and req.operation != "upscale":
+        words = re.findall(r"\w+", req.prompt.lower())[:6]
+        if words:
+            return "-".join(words)
+    return {"upscale": "upscaled", "image-to-image": "img2img"}.get(req.operation, "generated")
+
+
+def metadata_for(req: ImageRequest, image: GeneratedImage) -> dict[str, Any]:
+    meta = {
+        "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": image.seed, "model": image.model,
+        "style_preset": req.style_preset, "provider": "local" if image.model == "local-lanczos" else "stability",
+        "operation": req.operation, "finish_reason": image.finish_reason,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "aspect_ratio": req.aspect_ratio, "strength": req.strength, "upscale_mode": req.mode,
+        "request_id": image.request_id, "notes": image.notes or None,
+    }
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+async def generate(
+    storage: StorageManager,
+    generator: ImageGenerator,
+    req: ImageRequest,
+    user_id: str,
+    *,
+    name: str | None = None,
+    concurrency: int = 4,
+    progress: Progress | None = None,
+) -> GenerationResult:
+    """Run one request through the whole pipeline.
+
+    Raises QuotaExceeded (nothing sent) or InvalidInput (nothing sent);
+    per-image provider failures are reported in the result's outcomes.
+    """
+    req = generator.prepare(req)
+    paid = not generator.is_free(req)
+    slots = req.count if req.operation != "upscale" else 1
+    reservations = (await asyncio.to_thread(storage.quota.reserve_generations, user_id, slots)) if paid else []
+    unsettled = list(reservations)
+    result = GenerationResult(req)
+    try:
+        images = await generator.run(req, user_id=user_id, concurrency=concurrency, progress=progress)
+        for i, image in enumerate(images):
+            reservation = reservations[i] if paid else None
+            if isinstance(image, Exception):
+                result.outcomes.append(ImageOutcome(error=image))
+                continue
+            if image.filtered:
+                result.outcomes.append(ImageOutcome(image=image, error=ContentFiltered(
+                    "the provider's content filter blocked this image; it was not stored and "
+                    "does not count against the daily limit")))
+                continue
+            meta = metadata_for(req, image)
+            try:
+                data = embed_metadata(image.data, meta)
+                stored = await asyncio.to_thread(storage.store, data, user_id, _stem(req, name) + ".png",
+                                                 metadata=meta, reservation=reservation)
+            except AbbyError as exc:
+                result.outcomes.append(ImageOutcome(image=image, error=exc))
+                continue
+            if reservation is not None:
+                unsettled.remove(reservation)
+            result.outcomes.append(ImageOutcome(stored=stored, image=image))
+    finally:
+        # Failures, filtered images and interruptions give their slots and room back.
+        for reservation in unsettled:
+            try:
+                await asyncio.to_thread(storage.quota.refund, reservation)
+            except AbbyError:
+                pass  # the reservation expires and `abby check --fix` releases it
+    return result
