@@ -4,6 +4,8 @@ The bot imports the core from here; the command line lives in ``abbycli.cli``.
 Importing this package stays cheap: heavy libraries load where they are used.
 """
 
+__version__ = "0.1.0"  # first, because submodules read it
+
 from .config import Settings, load_settings
 from .errors import (
     AbbyError,
@@ -17,13 +19,24 @@ from .errors import (
     StorageError,
     UserQuotaExceeded,
 )
+from .errors import (
+    ApiRejected,
+    AuthError,
+    ContentFiltered,
+    InsufficientCredits,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from .generation.generator import ImageGenerator
+from .generation.request import GeneratedImage, ImageRequest
 from .storage.manager import CheckReport, CleanupReport, StorageManager, StoredImage
 from .storage.quota import Limits, QuotaManager, Reservation
 
-__version__ = "0.1.0"
 
 __all__ = [
-    "AbbyError", "Busy", "CheckReport", "CleanupReport", "ConfigError", "DailyLimitReached",
+    "AbbyError", "ApiRejected", "AuthError", "Busy", "ContentFiltered", "GeneratedImage", "ImageGenerator",
+    "ImageRequest", "InsufficientCredits", "ProviderError", "ProviderUnavailable", "RateLimited", "CheckReport", "CleanupReport", "ConfigError", "DailyLimitReached",
     "GlobalQuotaExceeded", "InvalidInput", "Limits", "NotFound", "QuotaExceeded", "QuotaManager",
     "Reservation", "Settings", "StorageError", "StorageManager", "StoredImage", "UserQuotaExceeded",
     "load_settings", "__version__",

@@ -175,8 +175,9 @@ def test_version():
 
 
 def test_importing_the_core_pulls_in_no_cli_or_heavy_library():
-    code = ("import sys, abbycli; from abbycli import StorageManager, QuotaManager, load_settings; "
-            "print([m for m in ('typer', 'rich', 'click', 'httpx', 'PIL') if m in sys.modules])")
+    code = ("import sys, abbycli; from abbycli import StorageManager, QuotaManager, ImageGenerator, load_settings; "
+            "from abbycli.pipeline import generate; "
+            "print([m for m in ('typer', 'rich', 'click', 'httpx', 'PIL', 'stamina') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

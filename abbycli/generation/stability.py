@@ -16,15 +16,16 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
-
-import httpx
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import __version__
 from ..errors import (ApiRejected, AuthError, ConfigError, InsufficientCredits, InvalidRequest, MalformedResponse,
                       ModelNotFound, ModerationRejected, PayloadTooLarge, ProviderError, ProviderUnavailable,
                       RateLimited)
 from .imaging import inspect, resize
+if TYPE_CHECKING:
+    import httpx
+
 from .request import (ESRGAN_ENGINE, IMAGE_RULES, SDXL_SIZES, GeneratedImage, ImageRequest, family, fit_image_rules,
                       nearest_sdxl_size)
 
@@ -110,6 +111,8 @@ class StabilityClient:
         return bool(self._key)
 
     def _http(self) -> httpx.AsyncClient:
+        import httpx  # imported on first use: `import abbycli` stays light for the bot and the CLI
+
         if self._client is None:
             self._client = httpx.AsyncClient(
                 base_url=self.host, transport=self._transport, timeout=httpx.Timeout(self._timeout, connect=15.0),
@@ -251,6 +254,8 @@ class StabilityClient:
                 # Every field goes in `files` so the body is multipart even without a file,
                 # as the v2beta endpoints require.
                 kwargs["files"] = {k: (None, v) for k, v in call.fields.items()} | call.files
+        import httpx
+
         try:
             response = await self._http().request(method or call.method, path or call.path, **kwargs)
         except httpx.TimeoutException as exc:
