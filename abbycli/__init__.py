@@ -28,8 +28,6 @@ from .errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from .generation.generator import ImageGenerator
-from .generation.request import GeneratedImage, ImageRequest
 from .storage.manager import CheckReport, CleanupReport, StorageManager, StoredImage
 from .storage.quota import Limits, QuotaManager, Reservation
 
@@ -41,3 +39,17 @@ __all__ = [
     "Reservation", "Settings", "StorageError", "StorageManager", "StoredImage", "UserQuotaExceeded",
     "load_settings", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The generation classes load on first use, so admin commands and a bot
+    # that only stores images never pay for them.
+    if name == "ImageGenerator":
+        from .generation.generator import ImageGenerator
+
+        return ImageGenerator
+    if name in ("ImageRequest", "GeneratedImage"):
+        from .generation import request
+
+        return getattr(request, name)
+    raise AttributeError(f"module 'abbycli' has no attribute {name!r}")

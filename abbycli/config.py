@@ -12,10 +12,8 @@ file > built-in default. The config file itself is found in this order:
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -288,6 +286,7 @@ def find_config(flag: str | os.PathLike | None, env: Mapping[str, str]) -> Path 
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -302,6 +301,8 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def _suggest(name: str, choices: list[str]) -> str:
+    import difflib
+
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

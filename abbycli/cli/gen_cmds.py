@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +39,8 @@ def _read_image(path: Path) -> bytes:
 
 def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_json: bool, dry_run: bool,
          concurrency: int, name: Optional[str] = None) -> None:
+    import asyncio
+
     from ..generation.generator import ImageGenerator
     from ..pipeline import generate
 
@@ -261,6 +262,8 @@ def info_cmd(
 
 def balance_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
     """Show the Stability account's credit balance."""
+    import asyncio
+
     from ..generation.stability import StabilityClient
 
     g = state(ctx).settings().generation

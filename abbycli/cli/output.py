@@ -1,8 +1,12 @@
 """How the CLI talks: rich on a terminal, plain text when piped, JSON for scripts.
 
-rich already honours NO_COLOR and drops styling when stdout is not a terminal;
-here we also drop table borders and widen the page when piped, so that
-``abby list | grep`` sees whole lines.
+rich honours NO_COLOR and drops styling when stdout is not a terminal; here
+we also drop table borders and widen the page when piped, so that
+``abby list | grep`` sees whole lines. rich is imported on first use only:
+``--json`` runs never load it, which keeps start-up close to Typer's own.
+
+Styled text is passed around as ``(text, style)`` pairs so that commands
+never import rich themselves.
 """
 
 from __future__ import annotations
@@ -10,17 +14,40 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
-from typing import Any, Iterable
+from functools import lru_cache
+from typing import Any, Iterable, Union
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+Piece = Union[str, tuple[str, str]]  # plain text, or (text, rich style)
 
-console = Console(highlight=False, soft_wrap=False)
-if not console.is_terminal:
-    console = Console(highlight=False, width=4096)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+RIGHT = {"ID", "Size", "Used", "Files", "%", "Limit", "Today", "Bytes"}
+STATUS_STYLE = {"OK": "green", "WARNING": "yellow", "FULL": "bold red"}
+
+
+@lru_cache(maxsize=None)
+def console():
+    from rich.console import Console
+
+    out = Console(highlight=False)
+    return out if out.is_terminal else Console(highlight=False, width=4096)
+
+
+@lru_cache(maxsize=None)
+def err_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _text(pieces: Iterable[Piece]):
+    from rich.text import Text
+
+    out = Text()
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            out.append(piece[0], style=piece[1])
+        else:
+            out.append(piece)
+    return out
 
 
 def print_json(data: Any) -> None:
@@ -28,43 +55,42 @@ def print_json(data: Any) -> None:
 
 
 def error(message: str) -> None:
-    err_console.print(Text(f"abby: error: {message}", style="bold red"))
+    err_console().print(_text([(f"abby: error: {message}", "bold red")]))
 
 
 def warn(message: str) -> None:
-    err_console.print(Text(f"abby: warning: {message}", style="yellow"))
+    err_console().print(_text([(f"abby: warning: {message}", "yellow")]))
 
 
 def note(message: str) -> None:
-    err_console.print(Text(f"abby: note: {message}", style="dim"))
+    err_console().print(_text([(f"abby: note: {message}", "dim")]))
 
 
-def info(message: str | Text) -> None:
-    console.print(message)
+def info(*pieces: Piece) -> None:
+    console().print(_text(pieces))
 
 
 def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
-    t = Table(box=box.SIMPLE_HEAD if console.is_terminal else None, title=title,
-              header_style="bold", pad_edge=False)
+    from rich import box
+    from rich.table import Table
+
+    out = console()
+    t = Table(box=box.SIMPLE_HEAD if out.is_terminal else None, title=title, header_style="bold", pad_edge=False)
     for name in columns:
         t.add_column(name, overflow="fold", justify="right" if name in RIGHT else "left")
     for row in rows:
-        t.add_row(*[c if isinstance(c, Text) else Text(str(c)) for c in row])
-    console.print(t)
+        t.add_row(*[_text(c) if isinstance(c, list) else _text([str(c)]) for c in row])
+    out.print(t)
 
 
-RIGHT = {"ID", "Size", "Used", "Files", "%", "Limit", "Today", "Bytes"}
-STATUS_STYLE = {"OK": "green", "WARNING": "yellow", "FULL": "bold red"}
-
-
-def bar(percentage: float, width: int = 20) -> Text:
+def bar(percentage: float, width: int = 20) -> list[Piece]:
     filled = min(width, round(percentage / 100 * width))
     style = "red" if percentage >= 100 else "yellow" if percentage >= 80 else "green"
-    return Text("█" * filled, style=style) + Text("░" * (width - filled), style="dim")
+    return [("█" * filled, style), ("░" * (width - filled), "dim")]
 
 
-def status_text(status: str) -> Text:
-    return Text(status, style=STATUS_STYLE.get(status, ""))
+def status_text(status: str) -> list[Piece]:
+    return [(status, STATUS_STYLE.get(status, ""))]
 
 
 def local_time(moment: datetime) -> str:
@@ -80,7 +106,7 @@ class activity:
 
     def __init__(self, text: str, enabled: bool = True):
         self.text = text
-        self.enabled = enabled and err_console.is_terminal
+        self.enabled = enabled and sys.stderr.isatty()
         self._progress = None
 
     def __enter__(self):
@@ -89,7 +115,7 @@ class activity:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                  console=err_console, transient=True)
+                                  console=err_console(), transient=True)
         self._progress.start()
         task = self._progress.add_task(self.text)
         return lambda text: self._progress.update(task, description=f"{self.text}: {text}")

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.text import Text
 
 from ..errors import AbbyError, InvalidInput
 from ..storage.quota import human_size
@@ -76,12 +75,12 @@ def _worst(*statuses: str) -> str:
 
 
 def _status_line(label: str, part: dict, cap_key: str) -> None:
-    line = Text(f"{label:<7} ") + output.bar(part["percentage"]) + Text(
-        f" {part['percentage']:5.1f}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  "
-    ) + output.status_text(part["status"])
+    line = [f"{label:<7} ", *output.bar(part["percentage"]),
+            f" {part['percentage']:5.1f}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  ",
+            *output.status_text(part["status"])]
     if part.get("reserved_bytes"):
-        line += Text(f"  (+{human_size(part['reserved_bytes'])} reserved)", style="dim")
-    output.info(line)
+        line.append((f"  (+{human_size(part['reserved_bytes'])} reserved)", "dim"))
+    output.info(*line)
 
 
 def _nagios(status: str, summary: str, data: dict) -> None:
@@ -224,8 +223,8 @@ def check(
         output.print_json(report.to_dict())
     else:
         for p in report.problems:
-            mark = Text("fixed ", style="green") if p.fixed else Text("found ", style="yellow")
-            output.info(mark + Text(f"{p.kind}: {p.path}: {p.detail}"))
+            mark = ("fixed ", "green") if p.fixed else ("found ", "yellow")
+            output.info(mark, f"{p.kind}: {p.path}: {p.detail}")
         if not report.problems:
             output.info(f"Consistent: {report.files_checked} files match the ledger.")
         else:

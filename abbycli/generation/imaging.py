@@ -18,7 +18,7 @@ import json
 import struct
 import zlib
 from typing import Any
-from xml.sax.saxutils import escape, unescape
+from html import escape, unescape  # xml.sax.saxutils would pull in urllib and http.client
 
 from ..errors import InvalidInput, MalformedResponse
 from ..storage.formats import sniff_format
@@ -143,7 +143,7 @@ def _xmp_packet(payload: str) -> bytes:
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
         '<rdf:Description rdf:about="" xmlns:abby="https://github.com/abby/ns/1.0/">'
-        f"<abby:parameters>{escape(payload)}</abby:parameters>"
+        f"<abby:parameters>{escape(payload, quote=False)}</abby:parameters>"
         '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
     ).encode("utf-8")
 

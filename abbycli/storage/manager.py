@@ -17,11 +17,8 @@ Deleting goes the other way: remove the row, commit, then unlink.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -119,6 +116,8 @@ def _pid_alive(pid: int) -> bool | None:
 def _abandoned(pid: int | None, host: str | None, created: float, now: float) -> bool:
     if now - created > STALE_AFTER_SECONDS:
         return True
+    import socket
+
     if pid is None or (host is not None and host != socket.gethostname()):
         return False
     return _pid_alive(pid) is False
@@ -183,6 +182,8 @@ class StorageManager:
         self, image_data: bytes, user_id: str, image_name: str = "generated.png", **kwargs
     ) -> tuple[bool, str, Path | None]:
         """The seed's call: ``(True, message, path)`` or ``(False, reason, None)``; never raises."""
+        import asyncio
+
         try:
             stored = await asyncio.to_thread(self.store, image_data, user_id, image_name, **kwargs)
         except AbbyError as exc:
@@ -248,7 +249,7 @@ class StorageManager:
                 image_id = cur.lastrowid
                 name = f"{stem}-{image_id}{ext}"
                 while os.path.lexists(user_path / name):  # a stray file from an old ledger: never overwrite it
-                    name = f"{stem}-{image_id}-{secrets.token_hex(3)}{ext}"
+                    name = f"{stem}-{image_id}-{os.urandom(3).hex()}{ext}"
                 conn.execute("UPDATE images SET rel_path = ? WHERE id = ?", (f"{USERS_DIR}/{user_dir}/{name}", image_id))
                 final = user_path / name
                 self._place(temp, final)
@@ -269,7 +270,7 @@ class StorageManager:
                            datetime.fromtimestamp(created, timezone.utc), metadata or {})
 
     def _write_temp(self, data: bytes) -> Path:
-        temp = self.root / "temp" / f"{os.getpid()}-{secrets.token_hex(8)}.part"
+        temp = self.root / "temp" / f"{os.getpid()}-{os.urandom(8).hex()}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
             try:

@@ -8,7 +8,6 @@ quota commit together. A check outside that transaction would be no quota.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -149,6 +148,8 @@ class QuotaManager:
                     f"the limit resets at {self.next_reset():%Y-%m-%d %H:%M %Z}"
                 )
             self.check_room(conn, user_id, nbytes * count)
+            import socket
+
             now, pid, host = time.time(), os.getpid(), socket.gethostname()
             ids = [conn.execute(
                 "INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) VALUES (?, ?, ?, ?, ?, ?)",
