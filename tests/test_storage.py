@@ -322,3 +322,20 @@ def test_network_filesystems_are_recognised(tmp_path, monkeypatch):
     if os.name == "posix":
         assert safefs.network_filesystem(tmp_path / "nfs" / "abby") == "nfs4"
         assert safefs.network_filesystem(tmp_path / "local") is None
+
+
+def test_check_over_many_folders_finds_every_problem(root):
+    # Enough folders for the check to split them between worker processes (on Linux).
+    sm = StorageManager(root, 100, 50)
+    images = [sm.store(make_png(1000), f"user{i}") for i in range(24)]
+    images[3].path.unlink()
+    images[17].path.write_bytes(make_png(1200))
+    (images[9].path.parent / "extra.png").write_bytes(make_png(900))
+    (images[20].path.parent / "sub").mkdir()
+    report = sm.check()
+    assert sorted((p.kind, p.path) for p in report.problems) == sorted([
+        ("missing_file", str(images[3].path)), ("size_mismatch", str(images[17].path)),
+        ("orphan_file", str(images[9].path.parent / "extra.png")), ("foreign", str(images[20].path.parent / "sub"))])
+    assert report.files_checked == 24
+    assert [p.kind for p in sm.check(fix=True).remaining] == ["foreign"]
+    assert sm.get_quota_status("user17")["user"]["used_bytes"] == 1200

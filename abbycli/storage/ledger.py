@@ -77,7 +77,12 @@ CREATE TRIGGER IF NOT EXISTS images_ins AFTER INSERT ON images BEGIN
         ON CONFLICT (user_id) DO UPDATE SET bytes = bytes + NEW.size, files = files + 1;
     UPDATE totals SET bytes = bytes + NEW.size, files = files + 1;
 END;
-CREATE TRIGGER IF NOT EXISTS images_del AFTER DELETE ON images BEGIN
+-- Bulk deletes (cleanup) switch the per-row trigger off and apply the summed
+-- change themselves, in the same transaction: 50,000 rows cost one UPDATE per user.
+CREATE TABLE IF NOT EXISTS bulk_delete (id INTEGER PRIMARY KEY CHECK (id = 1), active INTEGER NOT NULL);
+INSERT OR IGNORE INTO bulk_delete VALUES (1, 0);
+
+CREATE TRIGGER IF NOT EXISTS images_del AFTER DELETE ON images WHEN (SELECT active FROM bulk_delete) = 0 BEGIN
     UPDATE usage SET bytes = bytes - OLD.size, files = files - 1 WHERE user_id = OLD.user_id;
     UPDATE totals SET bytes = bytes - OLD.size, files = files - 1;
 END;
@@ -126,6 +131,12 @@ class Ledger:
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA synchronous=NORMAL")
+            # A store of 200,000 images has a ledger of ~50 MB. The default 2 MB page cache
+            # makes a bulk cleanup re-read index pages thousands of times; these are upper
+            # bounds, used only as a big operation needs them.
+            conn.execute("PRAGMA cache_size=-65536")
+            conn.execute("PRAGMA mmap_size=268435456")
+            conn.execute("PRAGMA temp_store=MEMORY")
             if (conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
                     or conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION):
                 self._initialise(conn)
@@ -137,6 +148,32 @@ class Ledger:
         except OSError as exc:
             raise StorageError(f"cannot open the ledger {self.path}: {exc.strerror or exc}") from exc
         return conn
+
+    @staticmethod
+    def delete_many(conn: sqlite3.Connection, where: str, args: list, limit: int) -> list[tuple]:
+        """Delete up to ``limit`` image rows matching ``where`` (oldest first) inside the
+        caller's write transaction, keeping the usage totals exact.
+
+        Returns (id, user_id, rel_path, size, created_at) for each deleted row.
+        """
+        conn.execute("UPDATE bulk_delete SET active = 1")
+        rows = conn.execute(
+            f"DELETE FROM images WHERE id IN (SELECT id FROM images WHERE {where} ORDER BY created_at, id LIMIT ?) "
+            "RETURNING id, user_id, rel_path, size, created_at",
+            [*args, limit],
+        ).fetchall()
+        per_user: dict[str, list[int]] = {}
+        for _id, user, _rel, size, _created in rows:
+            totals = per_user.setdefault(user, [0, 0])
+            totals[0] += size
+            totals[1] += 1
+        conn.executemany("UPDATE usage SET bytes = bytes - ?, files = files - ? WHERE user_id = ?",
+                         [(b, f, u) for u, (b, f) in per_user.items()])
+        conn.execute("UPDATE totals SET bytes = bytes - ?, files = files - ?",
+                     (sum(b for b, _ in per_user.values()), len(rows)))
+        conn.execute("UPDATE bulk_delete SET active = 0")
+        rows.sort(key=lambda r: (r[4], r[0]))
+        return rows
 
     def _initialise(self, conn: sqlite3.Connection) -> None:
         """Switch to WAL and create the schema, one process at a time.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -173,6 +174,8 @@ class StorageManager:
             try:
                 for sub in ("images/users", "temp", ".abby"):
                     (self.root / sub).mkdir(parents=True, exist_ok=True)
+                path_under(self.root, "images", "users")  # not a link out of the root
+                path_under(self.root, "temp")
             except OSError as exc:
                 raise StorageError(f"cannot create the storage root {self.root}: {exc.strerror or exc}") from exc
             self._ready = True
@@ -232,7 +235,7 @@ class StorageManager:
                 self.quota.check_room(conn, user_id, len(data))
 
         stem, ext = clean_stem(image_name), EXTENSIONS[fmt]
-        user_path = path_under(self.root, *USERS_DIR.split("/"), user_dir)
+        user_path = self._user_path(user_dir)
         temp = self._write_temp(data)
         final: Path | None = None
         try:
@@ -241,19 +244,23 @@ class StorageManager:
                 if reservation is not None:
                     self.quota.settle(conn, reservation, charge=True)
                 self.quota.check_room(conn, user_id, len(data))
-                cur = conn.execute(
-                    "INSERT INTO images (user_id, rel_path, size, format, created_at, meta) VALUES (?, ?, ?, ?, ?, ?)",
-                    (user_id, f"pending/{temp.name}", len(data), fmt, created,
-                     json.dumps(metadata, ensure_ascii=False) if metadata else None),
-                )
-                image_id = cur.lastrowid
+                # The write lock is ours, so the next id is ours too: the name can carry it
+                # and the row is written once, complete.
+                image_id = conn.execute(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM sqlite_sequence WHERE name = 'images'").fetchone()[0]
                 name = f"{stem}-{image_id}{ext}"
                 while os.path.lexists(user_path / name):  # a stray file from an old ledger: never overwrite it
                     name = f"{stem}-{image_id}-{os.urandom(3).hex()}{ext}"
-                conn.execute("UPDATE images SET rel_path = ? WHERE id = ?", (f"{USERS_DIR}/{user_dir}/{name}", image_id))
+                conn.execute(
+                    "INSERT INTO images (id, user_id, rel_path, size, format, created_at, meta) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (image_id, user_id, f"{USERS_DIR}/{user_dir}/{name}", len(data), fmt, created,
+                     json.dumps(metadata, ensure_ascii=False) if metadata else None),
+                )
                 final = user_path / name
                 self._place(temp, final)
-            _fsync_dir(user_path)
+                # The new name must be on disk before the row that points at it can be.
+                _fsync_dir(user_path)
         except BaseException:
             # Rolled back: whatever reached its final place is taken away again.
             if final is not None and not os.path.exists(temp):
@@ -269,6 +276,17 @@ class StorageManager:
         return StoredImage(image_id, user_id, final, len(data), fmt,
                            datetime.fromtimestamp(created, timezone.utc), metadata or {})
 
+    def _user_path(self, folder: str) -> Path:
+        """The user's folder, refusing to write through a link planted in its place."""
+        path = self.root / "images" / "users" / folder
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return path  # _place creates it
+        if is_link(path) or not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"{path} is not a plain folder (a link?); abby will not write through it")
+        return path
+
     def _write_temp(self, data: bytes) -> Path:
         temp = self.root / "temp" / f"{os.getpid()}-{os.urandom(8).hex()}.part"
         try:
@@ -277,7 +295,7 @@ class StorageManager:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                _datasync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -429,63 +447,92 @@ class StorageManager:
         now = time.time() if now is None else now
         cutoff = now - days * 86400
         report = CleanupReport(dry_run, datetime.fromtimestamp(cutoff, timezone.utc))
-        sql, args = "SELECT id, rel_path, size FROM images WHERE created_at <= ?", [cutoff]
+        where, args = "created_at <= ?", [cutoff]
         if user_id is not None:
-            sql += " AND user_id = ?"
+            where += " AND user_id = ?"
             args.append(validate_user_id(user_id))
+        root = str(self.root) + os.sep
         with self._maintenance_lock(lock_timeout):
-            with self.ledger.read() as conn:
-                rows = conn.execute(sql + " ORDER BY created_at, id", args).fetchall()
             temp_files = self._stale_temp_files(now)
-            empty_dirs = self._dirs_left_empty({r[1] for r in rows}, user_id)
             if dry_run:
-                report.deleted = [str(self.root / r[1]) for r in rows]
-                report.freed_bytes = sum(r[2] for r in rows)
-                report.temp_files = [str(self.root / t) for t in temp_files]
-                report.empty_dirs = [str(self.root / d) for d in empty_dirs]
+                with self.ledger.read() as conn:
+                    rows = conn.execute(f"SELECT rel_path, size FROM images WHERE {where} ORDER BY created_at, id",
+                                        args).fetchall()
+                report.deleted = [root + rel for rel, _ in rows]
+                report.freed_bytes = sum(size for _, size in rows)
+                report.temp_files = [root + t for t in temp_files]
+                report.empty_dirs = [root + d for d in self._dirs_left_empty({r[0] for r in rows}, user_id)]
                 with self.ledger.read() as conn:
                     reservations = conn.execute("SELECT pid, host, created_at FROM reservations").fetchall()
                 report.released_reservations = sum(_abandoned(*r, now) for r in reservations)
                 return report
+            touched: set[str] = set()
             with SafeRemover(self.root) as remover:
-                batch = 2000  # rows per transaction: short write locks, so saves barely wait
-                for start in range(0, len(rows), batch):
-                    chunk = rows[start:start + batch]
-                    with self.ledger.write() as conn:
-                        conn.executemany("DELETE FROM images WHERE id = ?", [(r[0],) for r in chunk])
-                    for _id, rel, size in chunk:
-                        if remover.unlink(rel) == "unsafe":
-                            report.skipped.append(str(self.root / rel))
-                        report.deleted.append(str(self.root / rel))
-                        report.freed_bytes += size
+                batches = self._delete_expired(remover, where, args)
+                for rels, sizes, outcomes in batches:
+                    for rel, outcome in zip(rels, outcomes):
+                        if outcome == "unsafe":
+                            report.skipped.append(root + rel)
+                    report.deleted += [root + rel for rel in rels]
+                    report.freed_bytes += sum(sizes)
+                    touched.update(rel.rsplit("/", 1)[0] for rel in rels)
                 for rel in temp_files:
                     remover.unlink(rel)
-                    report.temp_files.append(str(self.root / rel))
-                report.empty_dirs = [str(self.root / d) for d in empty_dirs if remover.rmdir(d)]
+                    report.temp_files.append(root + rel)
+                candidates = touched | set(self._dirs_left_empty(set(), user_id, only_empty=True))
+                report.empty_dirs = [root + d for d in sorted(candidates) if remover.rmdir(d)]
             with self.ledger.write() as conn:
                 report.released_reservations = len(self._release_stale_reservations(conn, now))
         return report
 
-    def _dirs_left_empty(self, doomed: set[str], user_id: str | None) -> list[str]:
-        """User folders that hold nothing once ``doomed`` files are gone."""
+    def _delete_expired(self, remover: SafeRemover, where: str, args: list, batch: int = 10_000, workers: int = 2):
+        """Delete matching rows in batches and their files, overlapping the two.
+
+        Each batch's rows are committed before any of its files is unlinked (so a
+        crash leaves files without rows, which check adopts, never the reverse);
+        while threads unlink one batch, the next batch's rows are being deleted.
+        Unlinking waits on the filesystem, not on Python, so the threads overlap.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        pending = []
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            while True:
+                with self.ledger.write() as conn:
+                    rows = self.ledger.delete_many(conn, where, args, limit=batch)
+                if not rows:
+                    break
+                rels = [r[2] for r in rows]
+                remover.prepare(rels)
+                step = -(-len(rels) // workers)
+                parts = [pool.submit(lambda part: [remover.unlink(p) for p in part], rels[i:i + step])
+                         for i in range(0, len(rels), step)]
+                pending.append((rels, [r[3] for r in rows], parts))
+        return [(rels, sizes, [o for part in parts for o in part.result()]) for rels, sizes, parts in pending]
+
+    def _dirs_left_empty(self, doomed: set[str], user_id: str | None, only_empty: bool = False) -> list[str]:
+        """User folders that hold nothing once ``doomed`` files are gone (or, with
+        ``only_empty``, folders that are empty already: a cheap look at one entry)."""
         base = self.root / USERS_DIR
         if user_id is not None:
             names = [encode_user_id(user_id)]
         else:
-            try:
-                names = [e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
-            except FileNotFoundError:
-                return []
+            names = [e.name for e in _scandir(base) if e.is_dir(follow_symlinks=False)]
         out = []
         for name in sorted(names):
             rel_dir = f"{USERS_DIR}/{name}"
+            path = base / name
             try:
-                if is_link(base / name):
+                if is_link(path):
                     continue
-                entries = os.listdir(base / name)
+                if only_empty:
+                    with os.scandir(path) as it:
+                        empty = next(it, None) is None
+                else:
+                    empty = all(f"{rel_dir}/{e}" in doomed for e in os.listdir(path))
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if all(f"{rel_dir}/{e}" in doomed for e in entries):
+            if empty:
                 out.append(rel_dir)
         return out
 
@@ -501,12 +548,7 @@ class StorageManager:
         now = time.time() if now is None else now
         report = CheckReport(fix)
         with self._maintenance_lock(lock_timeout):
-            on_disk, foreign = self._scan()
-            report.files_checked = len(on_disk)
-            with self.ledger.read() as conn:
-                rows = {rel: (i, size) for i, rel, size in conn.execute("SELECT id, rel_path, size FROM images")}
-            suspects = [rel for rel, size in on_disk.items() if rel not in rows or rows[rel][1] != size]
-            suspects += [rel for rel in rows if rel not in on_disk]
+            suspects, foreign, report.files_checked, drift = self._scan()
             temp_files = self._stale_temp_files(now)
 
             with self.ledger.write() as conn:
@@ -520,7 +562,8 @@ class StorageManager:
                         if _abandoned(r[3], r[4], r[5], now):
                             report.problems.append(Problem("stale_reservation", r[1],
                                                            f"reservation {r[0]} of {r[2]} bytes abandoned"))
-                self._check_totals(conn, report, fix)
+                if drift:  # seen in a consistent snapshot; confirmed (and fixed) under the lock
+                    self._check_totals(conn, report, fix)
             for rel in temp_files:
                 report.problems.append(Problem("temp_leftover", str(self.root / rel), "abandoned partial write"))
             if fix and temp_files:
@@ -537,30 +580,45 @@ class StorageManager:
                     "processes on different machines within the limits: use a local disk"))
         return report
 
-    def _scan(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
-        """Regular files under images/users/<dir>/ with their sizes, and anything abby never makes."""
-        files: dict[str, int] = {}
+    def _scan(self) -> tuple[list[str], list[tuple[str, str]], int]:
+        """Compare every file under images/users/ with the ledger.
+
+        Returns the paths that disagree (unknown file, other size, or a row whose
+        file is missing), anything abby never makes, and how many files were seen.
+        Findings are confirmed under the write lock by the caller.
+        """
         foreign: list[tuple[str, str]] = []
         images = self.root / "images"
         for entry in _scandir(images):
             if entry.name != "users" or not entry.is_dir(follow_symlinks=False) or is_link(entry.path):
                 foreign.append((entry.path, "not part of abby's layout; move it out of the store"))
+        users = []
         for user in _scandir(images / "users"):
             if is_link(user.path):
                 foreign.append((user.path, "a link inside the store; abby never follows it; remove it by hand"))
-                continue
-            if not user.is_dir(follow_symlinks=False) or decode_user_dir(user.name) is None:
+            elif not user.is_dir(follow_symlinks=False) or decode_user_dir(user.name) is None:
                 foreign.append((user.path, "not a folder abby made for a user; move it out of the store"))
-                continue
-            for entry in _scandir(user.path):
-                if entry.is_file(follow_symlinks=False) and not is_link(entry.path):
-                    try:
-                        files[f"{USERS_DIR}/{user.name}/{entry.name}"] = entry.stat(follow_symlinks=False).st_size
-                    except FileNotFoundError:
-                        pass
-                else:
-                    foreign.append((entry.path, "not a plain file; abby never follows links; remove it by hand"))
-        return files, foreign
+            else:
+                users.append(user.name)
+        suspects: list[str] = []
+        seen = examined = 0
+        pending = _scan_in_parallel(str(self.ledger.path), str(images / "users"), users)
+        # While the workers stat files, check the totals in one consistent snapshot.
+        with self.ledger.read() as conn:
+            drift = bool(self._totals_drift(conn)[0])
+            total_rows = conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        for found, odd, count, rows in pending():
+            suspects += found
+            foreign += odd
+            seen += count
+            examined += rows
+        if examined < total_rows:
+            # Rows whose folder was not scanned (gone, or a link): their files are missing.
+            scanned = {f"{USERS_DIR}/{name}/" for name in users}
+            with self.ledger.read() as conn:
+                suspects += [rel for (rel,) in conn.execute("SELECT rel_path FROM images")
+                             if rel[:rel.rindex("/") + 1] not in scanned]
+        return suspects, foreign, seen, drift
 
     def _confirm_and_fix(self, conn, rel: str, report: CheckReport, fix: bool) -> None:
         row = conn.execute("SELECT id, size FROM images WHERE rel_path = ?", (rel,)).fetchone()
@@ -596,7 +654,10 @@ class StorageManager:
             return  # consistent after all: a save or delete finished between scan and lock
         report.problems.append(problem)
 
-    def _check_totals(self, conn, report: CheckReport, fix: bool) -> None:
+    @staticmethod
+    def _totals_drift(conn) -> tuple[list[str] | bool, tuple, dict, dict]:
+        """Compare the kept totals with sums over the rows: (users that differ or True for
+        the overall line, the right overall totals, per-user truth, per-user reservations)."""
         truth = {u: (b, f) for u, b, f in conn.execute(
             "SELECT user_id, SUM(size), COUNT(*) FROM images GROUP BY user_id")}
         held = dict(conn.execute("SELECT user_id, SUM(bytes) FROM reservations GROUP BY user_id").fetchall())
@@ -605,8 +666,13 @@ class StorageManager:
                  if (truth.get(u, (0, 0)) + (held.get(u, 0),)) != recorded.get(u, (0, 0, 0))]
         total = conn.execute("SELECT bytes, files, reserved FROM totals").fetchone()
         want = (sum(b for b, _ in truth.values()), sum(f for _, f in truth.values()), sum(held.values()))
-        if not wrong and tuple(total) == want:
+        return (wrong or tuple(total) != want), want, truth, held
+
+    def _check_totals(self, conn, report: CheckReport, fix: bool) -> None:
+        wrong, want, truth, held = self._totals_drift(conn)
+        if not wrong:
             return
+        wrong = wrong if isinstance(wrong, list) else []
         problem = Problem("totals", str(self.ledger.path),
                           f"usage totals differ from the image rows for {len(wrong)} user(s) or overall")
         if fix:
@@ -620,12 +686,101 @@ class StorageManager:
         report.problems.append(problem)
 
 
+def _scan_users(ledger: str, base: str, names: list[str]) -> tuple[list[str], list[tuple[str, str]], int, int]:
+    """Compare these user folders with their rows in the ledger.
+
+    Every entry is stat'ed relative to its folder, never following a link. Returns
+    the paths that disagree (unknown file, other size, row without its file),
+    entries abby never makes, the files seen and the rows examined. Opens its own
+    read-only connection, so it can run in a forked worker.
+    """
+    import sqlite3
+
+    found: list[str] = []
+    odd: list[tuple[str, str]] = []
+    seen = examined = 0
+    use_fd = os.stat in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW")
+    conn = sqlite3.connect(Path(ledger).as_uri() + "?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA mmap_size=268435456")
+        for name in names:
+            prefix = f"{USERS_DIR}/{name}/"
+            # '0' sorts right after '/': this is the range of paths inside the folder
+            rows = dict(conn.execute("SELECT rel_path, size FROM images WHERE rel_path >= ? AND rel_path < ?",
+                                     (prefix, prefix[:-1] + "0")))
+            examined += len(rows)
+            folder = os.path.join(base, name)
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW) if use_fd else None
+                entries = os.listdir(fd if fd is not None else folder)
+            except OSError:
+                found += rows  # replaced by a link or removed meanwhile
+                continue
+            try:
+                for entry in entries:
+                    try:
+                        st = (os.stat(entry, dir_fd=fd, follow_symlinks=False) if fd is not None
+                              else os.lstat(os.path.join(folder, entry)))
+                    except FileNotFoundError:
+                        continue
+                    if not stat.S_ISREG(st.st_mode) or getattr(st, "st_file_attributes", 0) & 0x400:
+                        odd.append((os.path.join(folder, entry),
+                                    "not a plain file; abby never follows links; remove it by hand"))
+                        continue
+                    seen += 1
+                    if rows.pop(prefix + entry, None) != st.st_size:
+                        found.append(prefix + entry)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            found += rows  # rows whose file was not there
+    finally:
+        conn.close()
+    return found, odd, seen, examined
+
+
+def _scan_in_parallel(ledger: str, base: str, names: list[str]):
+    """Start _scan_users over the folders; returns a function that waits for the results.
+
+    Where fork is cheap and safe (Linux) the folders are split between worker
+    processes: stat waits in the kernel, so two processes nearly halve a big check.
+    """
+    import sys
+    import threading
+
+    workers = min(os.cpu_count() or 1, 4)
+    # fork copies only the calling thread: with other threads alive (a bot's executor,
+    # say) a lock they hold could never be released in the child, so scan in-process.
+    if (sys.platform != "linux" or workers < 2 or len(names) < 2 * workers
+            or threading.active_count() > 1):
+        result = [_scan_users(ledger, base, names)]
+        return lambda: result
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    pending = pool.starmap_async(_scan_users, [(ledger, base, names[i::workers]) for i in range(workers)])
+
+    def wait():
+        try:
+            return pending.get()
+        finally:
+            pool.close()
+            pool.join()
+
+    return wait
+
+
 def _scandir(path: str | os.PathLike) -> Iterable[os.DirEntry]:
     try:
         with os.scandir(path) as it:
             yield from it
     except (FileNotFoundError, NotADirectoryError):
         return
+
+
+# fdatasync skips the timestamps but still flushes the data and the size, which is
+# all a new file needs (SQLite makes the same choice); not every platform has it.
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 def _fsync_dir(path: Path) -> None:

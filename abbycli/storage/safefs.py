@@ -79,6 +79,15 @@ class SafeRemover:
             return "missing"
         return "deleted"
 
+    def prepare(self, rel_paths: list[str]) -> None:
+        """Open (or check) every folder on the way before threads share this remover,
+        so that its cache is only ever read concurrently."""
+        for rel_dir in {p.rpartition("/")[0] for p in rel_paths}:
+            if _POSIX:
+                self._dir_fd(rel_dir)
+            else:
+                self._dir_safe(rel_dir)
+
     def rmdir(self, rel_dir: str) -> bool:
         """Remove a folder if it is empty (and not a link). True if removed."""
         parent, _, name = rel_dir.rpartition("/")

@@ -1,0 +1,108 @@
+"""python -m bench [--quick]: measure abby against the physical floor and the tools admins use instead.
+
+Builds its own data in a temp dir, prints a markdown table and writes bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import figures
+from .data import build_store
+
+HERE = Path(__file__).resolve().parent
+
+
+def table(rows: list[figures.Row]) -> str:
+    lines = ["| Figure | A | B | A median | B median | A/B | Target | Met |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a_med = f"{r.pair.a_median * 1000:.1f} ms" if r.pair and r.limit is not None else (
+            f"{r.pair.a_median:.0f}/s" if r.pair else "")
+        b_med = f"{r.pair.b_median * 1000:.1f} ms" if r.pair and r.limit is not None else (
+            f"{r.pair.b_median:.0f}/s" if r.pair else "")
+        met = "" if r.ok is None else ("yes" if r.ok else "**no**")
+        lines.append(f"| {r.figure} | {r.a} | {r.b} | {a_med} | {b_med} | {r.ratio:.2f}× | {r.target} | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller stores and fewer runs")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per side (at least 5)")
+    parser.add_argument("--only", default=None, help="comma-separated figure numbers, e.g. 1,5")
+    parser.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
+    args = parser.parse_args()
+    runs = max(5, args.runs or (5 if args.quick else 7))
+    only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5", "6"}
+    work = Path(tempfile.mkdtemp(prefix="abby-bench-"))
+    os.environ.setdefault("XDG_CONFIG_HOME", str(work / "config"))  # never the user's real config
+    os.environ.setdefault("XDG_DATA_HOME", str(work / "data"))
+    os.environ.pop("ABBY_CONFIG", None)
+    s = figures.Settings(args.quick, work, runs)
+    started = time.time()
+    rows: list[figures.Row] = []
+    try:
+        if "1" in only:
+            rows += step("save path", figures.save_path, s)
+        if "2" in only:
+            rows += step("concurrency", figures.concurrency, s)
+        if "3" in only:
+            small = 2_000
+            users = 100 if s.quick else 1_000
+            stores = {}
+            for n in (small, s.big):
+                stores[n] = work / f"quota-{n}"
+                build_store(stores[n], n, users).close()
+            rows += step("quota and check", figures.quota_and_check, s, stores)
+        if "4" in only:
+            rows += step("cleanup", figures.cleanup, s)
+        if "5" in only:
+            rows += step("start-up", figures.startup, s)
+        if "6" in only:
+            rows += step("generation fan-out", figures.fan_out, s)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = render(rows, s, time.time() - started)
+    print(report)
+    if not args.no_write and only == {"1", "2", "3", "4", "5", "6"}:
+        (HERE / "RESULTS.md").write_text(report, encoding="utf-8")
+        print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
+
+
+def step(name, fn, *args):
+    print(f"... {name}", file=sys.stderr, flush=True)
+    t = time.time()
+    rows = fn(*args)
+    print(f"    {time.time() - t:.0f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def render(rows: list[figures.Row], s: figures.Settings, seconds: float) -> str:
+    notes = [f"- **{r.figure}**: {n}" for r in rows for n in r.notes]
+    return "\n".join([
+        "# abby benchmark results",
+        "",
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `python -m bench{' --quick' if s.quick else ''}` "
+        f"in {seconds:.0f} s on {platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}. Each ratio compares medians of A and B measured in turns "
+        f"in the same run ({s.runs}+ timed runs each, after a warm-up).",
+        "",
+        table(rows),
+        "",
+        "Notes:",
+        "",
+        *notes,
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
