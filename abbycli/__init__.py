@@ -6,6 +6,12 @@ Importing this package stays cheap: heavy libraries load where they are used.
 
 __version__ = "0.1.0"  # first, because submodules read it
 
+import logging
+
+# A library logs to the "abby" logger and leaves handlers to the application
+# (the CLI adds a rotating file); without this, Python would print warnings to stderr.
+logging.getLogger("abby").addHandler(logging.NullHandler())
+
 from .config import Settings, load_settings
 from .errors import (
     AbbyError,

@@ -193,6 +193,10 @@ KEYS: dict[str, Key] = {
             "Seconds to wait for a creative upscale to finish.", from_text=_num_text),
         Key("cli.default_user", _user_id, None,
             "User id the command line acts for when --user is not given."),
+        Key("cli.log_file", _non_empty, None,
+            "Log of unattended commands (cleanup, check --fix, schedule) and generation failures,\n"
+            "rotated at 1 MiB, 5 kept. Relative paths are relative to this file's folder.\n"
+            "Default: <user log dir>/abby.log."),
     ]
 }
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS.values()))
@@ -208,6 +212,12 @@ def site_config_path() -> Path:
     import platformdirs
 
     return Path(platformdirs.site_config_dir(APP_NAME, appauthor=False)) / CONFIG_FILENAME
+
+
+def default_log_file() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_log_dir(APP_NAME, appauthor=False)) / "abby.log"
 
 
 def default_root() -> Path:
@@ -241,6 +251,7 @@ class GenerationSettings:
 @dataclass(frozen=True)
 class CliSettings:
     default_user: str | None = None
+    log_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -369,25 +380,29 @@ def load_settings(
             f"is above storage.max_global_storage_mb ({global_mb}, from {sources['storage.max_global_storage_mb']})"
         )
 
-    root_source = sources["storage.root"]
-    if values["storage.root"] is None:
-        root = default_root()
-    else:
-        root = Path(values["storage.root"]).expanduser()
-        if not root.is_absolute():
-            base = path.parent if root_source == "file" and path is not None else Path.cwd()
-            root = base / root
-    root = Path(os.path.abspath(root))
+    def resolve(name: str, default: Callable[[], Path]) -> Path:
+        """A path setting: relative to the config file's folder if it came from the file,
+        else to the current folder."""
+        if values[name] is None:
+            return default()
+        value = Path(values[name]).expanduser()
+        if not value.is_absolute():
+            value = (path.parent if sources[name] == "file" and path is not None else Path.cwd()) / value
+        return Path(os.path.abspath(value))
+
+    root = resolve("storage.root", default_root)
 
     def section(name: str) -> dict[str, Any]:
         return {k.short: values[k.name] for k in KEYS.values() if k.section == name}
 
     storage = section("storage")
     storage["root"] = root
+    cli = section("cli")
+    cli["log_file"] = resolve("cli.log_file", default_log_file)
     return Settings(
         storage=StorageSettings(**storage),
         generation=GenerationSettings(**section("generation")),
-        cli=CliSettings(**section("cli")),
+        cli=CliSettings(**cli),
         config_path=path,
         sources=sources,
     )
@@ -436,6 +451,7 @@ def render_template(values: Mapping[str, Any] | None = None) -> str:
                 lines.append(tomli_w.dumps({key.short: values[key.name]}).strip())
             elif key.default is None:
                 example = {"storage.root": "/srv/abby/shared", "cli.default_user": "alice",
+                           "cli.log_file": "/var/log/abby/abby.log",
                            "generation.upscale_mode": "local"}.get(key.name, "")
                 lines.append(f'# {key.short} = "{example}"')
             else:

@@ -15,17 +15,23 @@ the storage caps.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import AbbyError, ContentFiltered
+from . import history
+from .errors import AbbyError, ContentFiltered, QuotaExceeded
 from .generation.generator import ImageGenerator
 from .generation.imaging import embed_metadata
 from .generation.request import GeneratedImage, ImageRequest
 from .generation.stability import Progress
 from .storage.manager import StorageManager, StoredImage
+
+
+log = logging.getLogger("abby")
 
 
 @dataclass
@@ -104,13 +110,18 @@ async def generate(
     req = generator.prepare(req)
     paid = not generator.is_free(req)
     slots = req.count if req.operation != "upscale" else 1
-    reservations = (await asyncio.to_thread(storage.quota.reserve_generations, user_id, slots)) if paid else []
+    started = time.time()
+    try:
+        reservations = (await asyncio.to_thread(storage.quota.reserve_generations, user_id, slots)) if paid else []
+    except QuotaExceeded as exc:
+        await asyncio.to_thread(history.record, storage, [history.attempt(started, user_id, req, error=exc)])
+        raise
     unsettled = list(reservations)
     result = GenerationResult(req)
-    try:
-        images = await generator.run(req, user_id=user_id, concurrency=concurrency, progress=progress)
-        for i, image in enumerate(images):
-            reservation = reservations[i] if paid else None
+
+    async def keep(images: list) -> None:
+        """Store each image as it arrives, spending one reservation per stored image."""
+        for image in images:
             if isinstance(image, Exception):
                 result.outcomes.append(ImageOutcome(error=image))
                 continue
@@ -119,18 +130,32 @@ async def generate(
                     "the provider's content filter blocked this image; it was not stored and "
                     "does not count against the daily limit")))
                 continue
+            reservation = unsettled.pop() if paid else None
             meta = metadata_for(req, image)
             try:
-                data = embed_metadata(image.data, meta)
+                data = await asyncio.to_thread(embed_metadata, image.data, meta)
                 stored = await asyncio.to_thread(storage.store, data, user_id, _stem(req, name) + ".png",
                                                  metadata=meta, reservation=reservation)
             except AbbyError as exc:
+                if reservation is not None:
+                    unsettled.append(reservation)
                 result.outcomes.append(ImageOutcome(image=image, error=exc))
                 continue
-            if reservation is not None:
-                unsettled.remove(reservation)
+            except BaseException:
+                if reservation is not None:
+                    unsettled.append(reservation)
+                raise
             result.outcomes.append(ImageOutcome(stored=stored, image=image))
+
+    try:
+        await generator.run(req, user_id=user_id, concurrency=concurrency, progress=progress, on_images=keep)
     finally:
+        attempts = [history.attempt(started, user_id, req, error=o.error, image=o.image, stored=o.stored)
+                    for o in result.outcomes]
+        await asyncio.to_thread(history.record, storage, attempts)
+        for o in result.outcomes:
+            if o.error is not None:
+                log.warning("generation for %s failed (%s): %s", user_id, type(o.error).__name__, o.error)
         # Failures, filtered images and interruptions give their slots and room back.
         for reservation in unsettled:
             try:

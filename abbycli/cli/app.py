@@ -21,7 +21,10 @@ from typer.exceptions import TyperException
 from .. import __version__
 from ..config import Settings, load_settings
 from ..errors import AbbyError, InvalidInput
-from . import output
+from . import logfile, output
+
+# Commands whose runs are logged: the unattended ones, and those whose failures cost credits.
+LOGGED = {"cleanup", "check", "schedule", "generate", "img2img", "upscale"}
 
 
 class AbbyGroup(TyperGroup):
@@ -33,6 +36,7 @@ class AbbyGroup(TyperGroup):
         except AbbyError as exc:
             if os.environ.get("ABBY_DEBUG"):
                 raise
+            logfile.log().error("%s", exc)
             output.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -51,12 +55,16 @@ class State:
 
     config: Optional[Path] = None
     root: Optional[str] = None
+    log_file: Optional[str] = None
+    command: Optional[str] = None
     _settings: Optional[Settings] = field(default=None, repr=False)
     _storage: object = field(default=None, repr=False)
 
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = load_settings(self.config, {"storage.root": self.root})
+            self._settings = load_settings(self.config, {"storage.root": self.root, "cli.log_file": self.log_file})
+            if self.command in LOGGED:
+                logfile.setup(self._settings.cli.log_file, self.command, self._settings.generation.api_key)
         return self._settings
 
     def storage(self):
@@ -100,9 +108,13 @@ def main_options(
     root: Optional[str] = typer.Option(
         None, "--root", help="Storage root, overriding storage.root and $STORAGE_ROOT.", show_default=False,
     ),
+    log_file: Optional[str] = typer.Option(
+        None, "--log-file", help="Log file for unattended commands and generation failures (overrides cli.log_file).",
+        show_default=False,
+    ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    ctx.obj = State(config=config, root=root)
+    ctx.obj = State(config=config, root=root, log_file=log_file, command=ctx.invoked_subcommand)
 
 
 def state(ctx: typer.Context) -> State:
@@ -110,10 +122,12 @@ def state(ctx: typer.Context) -> State:
 
 
 def _register() -> None:
-    from . import config_cmds, gen_cmds, storage_cmds
+    from . import config_cmds, gen_cmds, history_cmds, schedule_cmds, storage_cmds
 
     gen_cmds.register(app)
     storage_cmds.register(app)
+    history_cmds.register(app)
+    app.add_typer(schedule_cmds.app, name="schedule")
     app.add_typer(config_cmds.app, name="config")
 
 

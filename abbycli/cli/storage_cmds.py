@@ -9,7 +9,7 @@ import typer
 
 from ..errors import AbbyError, InvalidInput
 from ..storage.quota import human_size
-from . import output
+from . import logfile, output
 from .app import state
 
 JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
@@ -189,6 +189,10 @@ def cleanup(
     never follows links, never leaves the storage root.
     """
     report = state(ctx).storage().cleanup(older_than, user, dry_run)
+    if not dry_run:
+        logfile.log().info("deleted %d image(s), %d bytes, %d temp file(s), %d empty folder(s); %d skipped (links)",
+                           len(report.deleted), report.freed_bytes, len(report.temp_files), len(report.empty_dirs),
+                           len(report.skipped))
     if as_json:
         output.print_json(report.to_dict())
         return
@@ -219,6 +223,12 @@ def check(
 ) -> None:
     """Reconcile the ledger with the files on disk. Exit 0 when consistent (or all fixed), 1 otherwise."""
     report = state(ctx).storage().check(fix)
+    if fix:
+        for p in report.problems:
+            logfile.log().log(20 if p.fixed else 30, "%s %s: %s: %s", "fixed" if p.fixed else "left",
+                              p.kind, p.path, p.detail)
+        logfile.log().info("checked %d files: %d problem(s), %d remaining", report.files_checked,
+                           len(report.problems), len(report.remaining))
     if as_json:
         output.print_json(report.to_dict())
     else:

@@ -8,7 +8,8 @@ locally) and returns one entry per image: a ``GeneratedImage`` or the
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Awaitable, Callable
 
 from ..errors import AbbyError, ConfigError, ContentFiltered, ProviderError
 from .imaging import inspect, resize
@@ -83,20 +84,32 @@ class ImageGenerator:
         return await self.run(self.prepare(req), user_id=user_id, concurrency=concurrency, progress=progress)
 
     async def run(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
-                  progress: Progress | None = None) -> list[GeneratedImage | ProviderError]:
-        """Run a request that ``prepare()`` has already checked."""
+                  progress: Progress | None = None,
+                  on_images: Callable[[list[GeneratedImage | ProviderError]], Awaitable[None]] | None = None,
+                  ) -> list[GeneratedImage | ProviderError]:
+        """Run a request that ``prepare()`` has already checked.
+
+        ``on_images`` receives each request's images as soon as they arrive, so a
+        caller can store the first ones while the others are still being made.
+        """
         if self.is_free(req):
-            return [upscale_local(req)]
+            images: list[GeneratedImage | ProviderError] = [upscale_local(req)]
+            if on_images:
+                await on_images(images)
+            return images
+
+        async def one(call):
+            try:
+                result = await self.client.send(call, user_id, progress)
+            except ProviderError as exc:
+                return [exc] * call.images
+            if req.operation == "upscale":
+                result = [await asyncio.to_thread(self._exact_size, req, i) for i in result]
+            return result
+
         calls = self.client.plan(req)
-        results = await gather_limited(
-            [lambda c=c: self.client.send(c, user_id, progress) for c in calls], concurrency
-        )
-        images: list[GeneratedImage | ProviderError] = []
-        for call, result in zip(calls, results):
-            images.extend(result if isinstance(result, list) else [result] * call.images)
-        if req.operation == "upscale":
-            images = [self._exact_size(req, i) if isinstance(i, GeneratedImage) else i for i in images]
-        return images
+        results = await gather_limited([lambda c=c: one(c) for c in calls], concurrency, on_images)
+        return [image for result in results for image in result]
 
     @staticmethod
     def _exact_size(req: ImageRequest, image: GeneratedImage) -> GeneratedImage:

@@ -228,10 +228,11 @@ class StabilityClient:
             if not isinstance(job_id, str) or not job_id:
                 raise MalformedResponse("the API accepted the upscale but returned no job id")
             response = await self._poll(job_id, call, user_id, progress)
-            return [self._image_from(response, call)]
+        # Decoding the image to prove it whole is CPU work (and the first one imports
+        # Pillow): a thread keeps the event loop free for the other requests meanwhile.
         if call.expect == "artifacts":
-            return self._artifacts(response, call)
-        return [self._image_from(response, call)]
+            return await asyncio.to_thread(self._artifacts, response, call)
+        return [await asyncio.to_thread(self._image_from, response, call)]
 
     async def _request_with_retries(self, call: Call, user_id: str | None) -> httpx.Response:
         import stamina
@@ -419,15 +420,20 @@ def _error_for(response: httpx.Response, model: str) -> ProviderError:
     return ApiRejected(f"the API refused the request ({status}){suffix}", status=status)
 
 
-async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], concurrency: int) -> list[Any]:
-    """Run ``jobs`` with at most ``concurrency`` at once; each result is a value or the exception it raised."""
+async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], concurrency: int,
+                         on_done: Callable[[Any], Awaitable[None]] | None = None) -> list[Any]:
+    """Run ``jobs`` with at most ``concurrency`` at once; each result is a value or the
+    ProviderError it raised. ``on_done`` sees each result as soon as it is ready."""
     gate = asyncio.Semaphore(max(1, concurrency))
 
     async def run(job):
         async with gate:
             try:
-                return await job()
+                result = await job()
             except ProviderError as exc:
-                return exc
+                result = exc
+        if on_done is not None:
+            await on_done(result)
+        return result
 
     return await asyncio.gather(*(run(job) for job in jobs))

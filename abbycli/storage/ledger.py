@@ -24,7 +24,7 @@ from typing import Iterator
 
 from ..errors import Busy, StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: history table (created in place: the schema script is idempotent)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -64,6 +64,26 @@ CREATE TABLE IF NOT EXISTS reservations (
     created_at REAL    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reservations_by_user ON reservations(user_id, day);
+
+-- Every generation attempt, for `abby history` and `abby stats`.
+CREATE TABLE IF NOT EXISTS history (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         REAL    NOT NULL,          -- Unix time the attempt started
+    user_id    TEXT    NOT NULL,
+    operation  TEXT    NOT NULL,          -- text-to-image | image-to-image | upscale
+    provider   TEXT,
+    model      TEXT,
+    prompt     TEXT,
+    seed       INTEGER,
+    duration   REAL,                      -- seconds
+    bytes      INTEGER,
+    outcome    TEXT    NOT NULL,          -- success | filtered | refused-limit | rejected | failed
+    error_type TEXT,
+    error      TEXT,
+    image_id   INTEGER
+);
+CREATE INDEX IF NOT EXISTS history_by_time ON history(at);
+CREATE INDEX IF NOT EXISTS history_by_user ON history(user_id, at);
 
 CREATE TABLE IF NOT EXISTS daily (
     user_id TEXT NOT NULL,
