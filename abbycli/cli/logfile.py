@@ -7,7 +7,6 @@ every line by a filter, as a second guard: abby never puts it in a message.
 from __future__ import annotations
 
 import logging
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from . import output
@@ -38,6 +37,8 @@ def setup(path: Path, command: str, secret: str | None) -> None:
     except OSError as exc:
         output.warn(f"cannot write the log file {path}: {exc.strerror or exc}; continuing without it")
         return
+    from logging.handlers import RotatingFileHandler
+
     handler = RotatingFileHandler(path, maxBytes=1024 * 1024, backupCount=5, encoding="utf-8")
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s abby {command}: %(message)s"))
     handler.addFilter(_Redact(secret))

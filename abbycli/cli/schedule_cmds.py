@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shlex
-import subprocess
 from typing import Optional
 
 import typer
 
-from .. import schedule
 from ..errors import InvalidInput
 from . import logfile, output
 from .app import state
+
+TARGETS = ("cron", "schtasks", "systemd")
 
 app = typer.Typer(help="Install, show or remove the nightly `abby cleanup --quiet`.", no_args_is_help=True)
 
@@ -21,13 +20,18 @@ PRINT = typer.Option(False, "--print", help="Print what would be done; change no
 
 
 def _target(target: Optional[str]) -> str:
+    from .. import schedule
+
     target = target or schedule.default_target()
-    if target not in schedule.TARGETS:
-        raise InvalidInput(f"unknown target {target!r}; choose one of: {', '.join(schedule.TARGETS)}")
+    if target not in TARGETS:
+        raise InvalidInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     return target
 
 
-def _describe(plan: schedule.Plan) -> None:
+def _describe(plan) -> None:
+    import shlex
+    import subprocess
+
     for path, text in plan.files.items():
         output.info(f"write {path}:")
         output.info(text.rstrip())
@@ -52,6 +56,8 @@ def install(
 
     Installing again replaces the entry; it never adds a second one.
     """
+    from .. import schedule
+
     st = state(ctx)
     settings = st.settings()  # a broken config is refused before anything is scheduled
     command = schedule.abby_command(settings.config_path, st.root)
@@ -67,6 +73,8 @@ def install(
 @app.command("show")
 def show_cmd(target: Optional[str] = TARGET) -> None:
     """Show the scheduled cleanup, as the scheduler reports it."""
+    from .. import schedule
+
     found = schedule.show(_target(target), schedule.run_command)
     output.info(found if found else f"no abby cleanup is scheduled with {_target(target)}")
     if not found:
@@ -76,6 +84,8 @@ def show_cmd(target: Optional[str] = TARGET) -> None:
 @app.command("remove")
 def remove(ctx: typer.Context, target: Optional[str] = TARGET, dry: bool = PRINT) -> None:
     """Remove the scheduled cleanup (other crontab lines are kept)."""
+    from .. import schedule
+
     state(ctx).settings()
     plan = schedule.remove_plan(_target(target), schedule.run_command)
     if dry:

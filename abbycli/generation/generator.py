@@ -15,7 +15,7 @@ from ..errors import AbbyError, ConfigError, ContentFiltered, ProviderError
 from .imaging import inspect, resize
 from .local import target_size, upscale_local
 from .request import GeneratedImage, ImageRequest, validate
-from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_limited
+from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_all
 
 # What each paid upscale returns, as a multiple of the input width.
 NATIVE_FACTOR = {"fast": 4.0, "esrgan": 2.0, "conservative": 4.0, "creative": 4.0}
@@ -98,9 +98,11 @@ class ImageGenerator:
                 await on_images(images)
             return images
 
+        gate = asyncio.Semaphore(max(1, concurrency))  # requests on the network at once
+
         async def one(call):
             try:
-                result = await self.client.send(call, user_id, progress)
+                result = await self.client.send(call, user_id, progress, gate)
             except ProviderError as exc:
                 return [exc] * call.images
             if req.operation == "upscale":
@@ -108,7 +110,7 @@ class ImageGenerator:
             return result
 
         calls = self.client.plan(req)
-        results = await gather_limited([lambda c=c: one(c) for c in calls], concurrency, on_images)
+        results = await gather_all([lambda c=c: one(c) for c in calls], on_images)
         return [image for result in results for image in result]
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -220,14 +221,17 @@ class StabilityClient:
                                                 f"to meet the endpoint's size rules"]
 
     # --- sending -------------------------------------------------------------------------
-    async def send(self, call: Call, user_id: str | None = None,
-                   progress: Progress | None = None) -> list[GeneratedImage]:
-        response = await self._request_with_retries(call, user_id)
-        if call.expect == "job":
-            job_id = self._json(response).get("id")
-            if not isinstance(job_id, str) or not job_id:
-                raise MalformedResponse("the API accepted the upscale but returned no job id")
-            response = await self._poll(job_id, call, user_id, progress)
+    async def send(self, call: Call, user_id: str | None = None, progress: Progress | None = None,
+                   gate: asyncio.Semaphore | None = None) -> list[GeneratedImage]:
+        """Send one call and return its checked images. ``gate`` limits only the time on
+        the network: decoding happens after the slot is given back to the next request."""
+        async with gate or contextlib.nullcontext():
+            response = await self._request_with_retries(call, user_id)
+            if call.expect == "job":
+                job_id = self._json(response).get("id")
+                if not isinstance(job_id, str) or not job_id:
+                    raise MalformedResponse("the API accepted the upscale but returned no job id")
+                response = await self._poll(job_id, call, user_id, progress)
         # Decoding the image to prove it whole is CPU work (and the first one imports
         # Pillow): a thread keeps the event loop free for the other requests meanwhile.
         if call.expect == "artifacts":
@@ -420,18 +424,16 @@ def _error_for(response: httpx.Response, model: str) -> ProviderError:
     return ApiRejected(f"the API refused the request ({status}){suffix}", status=status)
 
 
-async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], concurrency: int,
-                         on_done: Callable[[Any], Awaitable[None]] | None = None) -> list[Any]:
-    """Run ``jobs`` with at most ``concurrency`` at once; each result is a value or the
-    ProviderError it raised. ``on_done`` sees each result as soon as it is ready."""
-    gate = asyncio.Semaphore(max(1, concurrency))
+async def gather_all(jobs: list[Callable[[], Awaitable[Any]]],
+                     on_done: Callable[[Any], Awaitable[None]] | None = None) -> list[Any]:
+    """Run ``jobs`` together; each result is a value or the ProviderError it raised.
+    ``on_done`` sees each result as soon as it is ready."""
 
     async def run(job):
-        async with gate:
-            try:
-                result = await job()
-            except ProviderError as exc:
-                result = exc
+        try:
+            result = await job()
+        except ProviderError as exc:
+            result = exc
         if on_done is not None:
             await on_done(result)
         return result
