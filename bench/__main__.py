@@ -104,6 +104,7 @@ def render(rows: list[figures.Row], s: figures.Settings, seconds: float) -> str:
         "",
         *notes,
         "",
+        (HERE / "fixes.md").read_text(encoding="utf-8"),
     ])
 
 
