@@ -189,3 +189,12 @@ def test_core_modules_never_import_cli_libraries():
         text = path.read_text(encoding="utf-8")
         for lib in ("typer", "rich", "click"):
             assert f"import {lib}" not in text and f"from {lib}" not in text, path
+
+
+def test_the_readme_documents_every_command():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for command in ("generate", "img2img", "upscale", "info", "balance", "quota", "list", "save", "delete", "cleanup",
+                    "check", "config path", "config show", "config init", "config set", "history", "stats",
+                    "schedule install", "schedule show", "schedule remove"):
+        assert f"abby {command}" in readme, command
+    assert "python -m pytest -q" in readme and "python -m pytest -q" in (REPO / ".ci" / "run").read_text()

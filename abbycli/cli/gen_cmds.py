@@ -253,7 +253,8 @@ def info_cmd(
         return
     meta = data.get("metadata") or data.get("embedded") or {}
     rows = [(k, data[k]) for k in ("id", "user_id", "path", "size", "format", "created_at") if k in data]
-    rows += [(k, v) for k, v in meta.items()]
+    shown = {k for k, _ in rows}
+    rows += [(k, v) for k, v in meta.items() if k not in shown]  # the ledger's created_at wins
     for key, value in rows:
         output.info(f"{key:>16}: {value}")
     if not meta:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import InvalidInput
+from ..errors import AbbyError, InvalidInput
 from . import logfile, output
 from .app import state
 
@@ -61,7 +61,15 @@ def install(
     st = state(ctx)
     settings = st.settings()  # a broken config is refused before anything is scheduled
     command = schedule.abby_command(settings.config_path, st.root)
-    plan = schedule.install_plan(_target(target), command, at, schedule.run_command)
+    runner = schedule.run_command
+    if dry:
+        def runner(args, stdin=None):  # --print must work where the scheduler is missing, too
+            try:
+                return schedule.run_command(args, stdin)
+            except AbbyError as exc:
+                output.warn(f"{exc}; showing the plan as if nothing were installed")
+                return schedule.Result(1, "", "no crontab")
+    plan = schedule.install_plan(_target(target), command, at, runner)
     if dry:
         _describe(plan)
         return
