@@ -3,7 +3,6 @@ images/, no row without its file, and `check --fix` restores exact totals."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal

@@ -207,3 +207,17 @@ def test_the_key_never_appears_even_in_debug_tracebacks(cfg, fake):
     assert "sk-wrong-secret" not in result.stdout + result.stderr
     shown = abby(cfg, fake, "config", "show")
     assert "********" in shown.stdout
+
+
+def test_cfg_scale_and_steps_reach_the_api_where_accepted(cfg, fake):
+    sd3 = abby(cfg, fake, "generate", "x", "--model", "sd3.5-medium", "--cfg-scale", "4.5")
+    assert sd3.returncode == 0, sd3.stderr
+    assert fake.requests[-1]["fields"]["cfg_scale"] == "4.5"
+    v1 = abby(cfg, fake, "generate", "x", "--model", "stable-diffusion-xl-1024-v1-0", "--steps", "20",
+              "--cfg-scale", "9")
+    assert v1.returncode == 0, v1.stderr
+    assert fake.requests[-1]["json"]["steps"] == 20 and fake.requests[-1]["json"]["cfg_scale"] == 9
+    sent = len(fake.requests)
+    assert abby(cfg, fake, "generate", "x", "--steps", "20").returncode == 2  # core has no steps
+    assert abby(cfg, fake, "generate", "x", "--model", "sd3.5-large", "--cfg-scale", "20").returncode == 2
+    assert len(fake.requests) == sent

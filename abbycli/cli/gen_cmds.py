@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import AbbyError, InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound
 from ..storage.quota import human_size, mib
 from . import output
 from .app import state
@@ -28,6 +28,9 @@ OUT = typer.Option(None, "--out", "-o", help="Also copy the result here (a folde
                    show_default=False)
 JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the request and its quota impact; send nothing.")
+CFG = typer.Option(None, "--cfg-scale", help="How strictly to follow the prompt: sd3 models 1-10, v1 engines 0-35.",
+                   show_default=False)
+STEPS = typer.Option(None, "--steps", help="Diffusion steps, v1 engines only (10-50).", show_default=False)
 
 
 def _read_image(path: Path) -> bytes:
@@ -161,13 +164,15 @@ def generate_cmd(
                                         show_default=False),
     height: Optional[int] = typer.Option(None, "--height", help="Height for v1 engines.", show_default=False),
     seed: Optional[int] = SEED, fmt: str = FORMAT, count: int = COUNT, concurrency: int = CONCURRENCY,
+    cfg_scale: Optional[float] = CFG, steps: Optional[int] = STEPS,
     out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
 ) -> None:
     """Generate images from a text prompt and store them under the user's quota."""
     from ..generation.request import ImageRequest
 
     req = ImageRequest("text-to-image", prompt=prompt, model=model, style_preset=style, negative_prompt=negative,
-                       aspect_ratio=aspect, width=width, height=height, seed=seed, output_format=fmt, count=count)
+                       aspect_ratio=aspect, width=width, height=height, seed=seed, output_format=fmt, count=count,
+                       cfg_scale=cfg_scale, steps=steps)
     _run(ctx, req, user, out, as_json, dry_run, concurrency)
 
 
@@ -183,13 +188,15 @@ def img2img_cmd(
                                              "(default 0.5; v1: image strength, default 0.35).", show_default=False),
     style: Optional[str] = STYLE, negative: Optional[str] = NEGATIVE, seed: Optional[int] = SEED,
     fmt: str = FORMAT, count: int = COUNT, concurrency: int = CONCURRENCY,
+    cfg_scale: Optional[float] = CFG, steps: Optional[int] = STEPS,
     out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
 ) -> None:
     """Generate images from an image and a prompt."""
     from ..generation.request import ImageRequest
 
     req = ImageRequest("image-to-image", prompt=prompt, image=_read_image(image), model=model, strength=strength,
-                       style_preset=style, negative_prompt=negative, seed=seed, output_format=fmt, count=count)
+                       style_preset=style, negative_prompt=negative, seed=seed, output_format=fmt, count=count,
+                       cfg_scale=cfg_scale, steps=steps)
     _run(ctx, req, user, out, as_json, dry_run, concurrency)
 
 

@@ -564,12 +564,11 @@ class StorageManager:
                                                            f"reservation {r[0]} of {r[2]} bytes abandoned"))
                 if drift:  # seen in a consistent snapshot; confirmed (and fixed) under the lock
                     self._check_totals(conn, report, fix)
-            for rel in temp_files:
-                report.problems.append(Problem("temp_leftover", str(self.root / rel), "abandoned partial write"))
-            if fix and temp_files:
-                with SafeRemover(self.root) as remover:
-                    for problem, rel in zip(report.problems[-len(temp_files):], temp_files):
-                        problem.fixed = remover.unlink(rel) in ("deleted", "missing")
+            with SafeRemover(self.root) as remover:
+                for rel in temp_files:
+                    fixed = fix and remover.unlink(rel) in ("deleted", "missing")
+                    report.problems.append(Problem("temp_leftover", str(self.root / rel), "abandoned partial write",
+                                                   fixed=fixed))
             for path, why in foreign:
                 report.problems.append(Problem("foreign", path, why))
             remote = network_filesystem(self.root)
