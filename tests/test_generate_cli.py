@@ -187,6 +187,9 @@ def test_out_copies_every_image(cfg, fake, tmp_path):
     result = abby(cfg, fake, "generate", "x", "--count", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "exports" / "pic-1.png").is_file() and (tmp_path / "exports" / "pic-2.png").is_file()
+    folder = abby(cfg, fake, "generate", "a fox", "--out", str(tmp_path / "foxes"), "--json")
+    [image] = json.loads(folder.stdout)["images"]
+    assert (tmp_path / "foxes" / Path(image["path"]).name).is_file()
 
 
 def test_balance_and_bad_input(cfg, fake, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +23,8 @@ SEED = typer.Option(None, "--seed", min=0, help="Seed (0 asks the API for a rand
 FORMAT = typer.Option("png", "--format", "-f", help="png, jpeg or webp (where the model allows it).")
 COUNT = typer.Option(1, "--count", "-n", min=1, max=10, help="How many images (each one is a paid generation).")
 CONCURRENCY = typer.Option(4, "--concurrency", min=1, max=16, help="Requests in flight at once.")
-OUT = typer.Option(None, "--out", "-o", help="Also copy the result here (a folder, or a file name).",
+OUT = typer.Option(None, "--out", "-o", help="Also copy the result here: a folder, or a file name with an "
+                   "extension (numbered when there are several images).",
                    show_default=False)
 JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the request and its quota impact; send nothing.")
@@ -133,7 +133,7 @@ def _copy_out(result, out: Path) -> dict[int, Path]:
     done = [(i, o) for i, o in enumerate(result.outcomes) if o.stored or (o.image and not o.image.filtered)]
     for n, (i, o) in enumerate(done, start=1):
         ext = "." + (o.stored.format if o.stored else o.image.format).replace("jpeg", "jpg")
-        if out.is_dir() or str(out).endswith(("/", os.sep)):
+        if out.is_dir() or not out.suffix:  # a folder (existing, or a name without an extension)
             target = out / (o.stored.path.name if o.stored else f"abby-{n}{ext}")
         else:
             stem = out.with_suffix("") if out.suffix else out
