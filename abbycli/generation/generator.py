@@ -12,7 +12,7 @@ import asyncio
 from typing import Any, Awaitable, Callable
 
 from ..errors import AbbyError, ConfigError, ContentFiltered, ProviderError
-from .imaging import inspect, resize
+from .imaging import inspect, resize, size_of
 from .local import target_size, upscale_local
 from .request import GeneratedImage, ImageRequest, validate
 from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_all
@@ -59,7 +59,11 @@ class ImageGenerator:
 
     # --- the typed API ---------------------------------------------------------------
     def prepare(self, req: ImageRequest) -> ImageRequest:
-        """Fill in the defaults and validate; raises InvalidInput before anything is sent."""
+        """Fill in the defaults and validate; raises InvalidInput before anything is sent.
+        A request that already went through here is returned as it is (the CLI checks
+        before --dry-run, the pipeline checks again for callers who did not)."""
+        if req.checked:
+            return req
         if req.operation == "upscale" and req.mode is None:
             req = req.with_(mode=self.upscale_mode)
         elif req.operation == "text-to-image" and req.model is None:
@@ -71,7 +75,7 @@ class ImageGenerator:
             raise ConfigError(f"no Stability API key: {KEY_HELP}")
         if req.image is not None:
             inspect(req.image)  # a broken input image is refused before any credit is spent
-        return req
+        return req.with_(checked=True)
 
     @staticmethod
     def is_free(req: ImageRequest) -> bool:
@@ -116,9 +120,9 @@ class ImageGenerator:
     @staticmethod
     def _exact_size(req: ImageRequest, image: GeneratedImage) -> GeneratedImage:
         """Honour --width/--factor exactly, whatever size the provider returned."""
-        _f, in_w, in_h = inspect(req.image)
+        in_w, in_h = size_of(req.image)
         tw, th = target_size(in_w, in_h, req, NATIVE_FACTOR[req.mode])
-        _f, w, h = inspect(image.data, from_provider=True)
+        w, h = size_of(image.data)  # decoded whole when it arrived
         if (w, h) == (tw, th):
             return image
         how = "down" if w * h > tw * th else "up"

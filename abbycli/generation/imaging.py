@@ -43,6 +43,14 @@ def inspect(data: bytes, *, from_provider: bool = False) -> tuple[str, int, int]
         raise error(f"{who} a damaged {fmt.upper()} image: {exc}") from None
 
 
+def size_of(data: bytes) -> tuple[int, int]:
+    """Width and height from the header alone, for images ``inspect`` has already proved whole."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
 def resize(data: bytes, width: int, height: int, fmt: str) -> bytes:
     """Resample to exactly width x height with LANCZOS, encoded as ``fmt``."""
     from PIL import Image

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .imaging import inspect, resize
+from .imaging import resize, size_of
 from .request import GeneratedImage, ImageRequest
 
 
@@ -16,7 +16,7 @@ def target_size(width: int, height: int, req: ImageRequest, default_factor: floa
 
 def upscale_local(req: ImageRequest) -> GeneratedImage:
     """Pillow LANCZOS resampling to the size asked for (twice the size by default)."""
-    _fmt, w, h = inspect(req.image)
+    w, h = size_of(req.image)  # prepare() has already decoded it whole
     tw, th = target_size(w, h, req, 2.0)
     data = resize(req.image, tw, th, req.output_format)
     return GeneratedImage(data, req.output_format, None, "SUCCESS", "local-lanczos",

@@ -65,6 +65,7 @@ class ImageRequest:
     creativity: float | None = None
     cfg_scale: float | None = None
     steps: int | None = None
+    checked: bool = field(default=False, repr=False, compare=False)  # set by ImageGenerator.prepare
 
     def with_(self, **changes: Any) -> "ImageRequest":
         return replace(self, **changes)

@@ -23,7 +23,8 @@ from .. import __version__
 from ..errors import (ApiRejected, AuthError, ConfigError, InsufficientCredits, InvalidRequest, MalformedResponse,
                       ModelNotFound, ModerationRejected, PayloadTooLarge, ProviderError, ProviderUnavailable,
                       RateLimited)
-from .imaging import inspect, resize
+from ..storage.formats import sniff_format
+from .imaging import inspect, resize, size_of
 if TYPE_CHECKING:
     import httpx
 
@@ -148,7 +149,7 @@ class StabilityClient:
         files: dict[str, tuple[str, bytes, str]] = {}
         if req.operation == "image-to-image":
             data, notes = self._fit_input(req.image, "ultra" if kind == "ultra" else "sd3")
-            files["image"] = ("image", data, _MIME[inspect(data)[0]])
+            files["image"] = ("image", data, _MIME[sniff_format(data)])
         common = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None, seed=req.seed,
                       style_preset=req.style_preset, output_format=req.output_format)
         if kind == "sd3":
@@ -179,16 +180,16 @@ class StabilityClient:
                   for i, p in enumerate(prompts) for k, v in p.items()}
         fields.update(_fields(init_image_mode="IMAGE_STRENGTH", image_strength=req.strength, samples=req.count,
                               **options))
-        files = {"init_image": ("init_image", data, _MIME[inspect(data)[0]])}
+        files = {"init_image": ("init_image", data, _MIME[sniff_format(data)])}
         return Call("POST", path + "/image-to-image", "application/json", "artifacts", fields, files,
                     images=req.count, model=model, notes=notes)
 
     def _plan_upscale(self, req: ImageRequest) -> Call:
         mode = req.mode
         data, notes = self._fit_input(req.image, mode)
-        files = {"image": ("image", data, _MIME[inspect(data)[0]])}
+        files = {"image": ("image", data, _MIME[sniff_format(data)])}
         if mode == "esrgan":
-            _fmt, w, _h = inspect(data)
+            w, _h = size_of(data)
             width = min(req.width or 2 * w, 2 * w)
             fields = _fields(width=max(512, width))
             return Call("POST", f"/v1/generation/{ESRGAN_ENGINE}/image-to-image/upscale", "application/json",
@@ -207,7 +208,8 @@ class StabilityClient:
         """Check the input image and resize it on the client where the endpoint has size rules."""
         if not data:
             raise InvalidRequest("no input image was given")
-        fmt, w, h = inspect(data)
+        fmt = sniff_format(data)
+        w, h = size_of(data)  # prepare() has already decoded it whole
         if rules == "sdxl":
             target = None if (w, h) in SDXL_SIZES else nearest_sdxl_size(w, h)
         elif rules in IMAGE_RULES:
