@@ -373,8 +373,9 @@ def load_settings(
             raise ConfigError(f"option for {name}: {exc}") from None
         sources[name] = "flag"
 
-    user_mb, global_mb = values["storage.max_user_storage_mb"], values["storage.max_global_storage_mb"]
-    if user_mb > global_mb:
+    conflict = _caps_conflict(values)
+    if conflict:
+        user_mb, global_mb = conflict
         raise ConfigError(
             f"{_origin('storage.max_user_storage_mb', sources, path)}: storage.max_user_storage_mb ({user_mb}) "
             f"is above storage.max_global_storage_mb ({global_mb}, from {sources['storage.max_global_storage_mb']})"
@@ -406,6 +407,13 @@ def load_settings(
         config_path=path,
         sources=sources,
     )
+
+
+def _caps_conflict(values: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(per-user cap, global cap) when the per-user one is larger; unset keys count as their defaults."""
+    user_mb = values.get("storage.max_user_storage_mb", KEYS["storage.max_user_storage_mb"].default)
+    global_mb = values.get("storage.max_global_storage_mb", KEYS["storage.max_global_storage_mb"].default)
+    return (user_mb, global_mb) if user_mb > global_mb else None
 
 
 def _origin(name: str, sources: Mapping[str, str], path: Path | None) -> str:
@@ -493,9 +501,9 @@ def set_value(path: Path, name: str, text: str) -> bool:
     old_text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     values = check_document(read_toml(path), str(path)) if path.exists() else {}
     values[name] = value
-    user_mb = values.get("storage.max_user_storage_mb", KEYS["storage.max_user_storage_mb"].default)
-    global_mb = values.get("storage.max_global_storage_mb", KEYS["storage.max_global_storage_mb"].default)
-    if user_mb > global_mb:
+    conflict = _caps_conflict(values)
+    if conflict:
+        user_mb, global_mb = conflict
         raise ConfigError(
             f"{path}: storage.max_user_storage_mb ({user_mb}) would be above "
             f"storage.max_global_storage_mb ({global_mb})"

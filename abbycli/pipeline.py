@@ -92,6 +92,13 @@ def metadata_for(req: ImageRequest, image: GeneratedImage) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if v is not None}
 
 
+def daily_slots(generator: ImageGenerator, req: ImageRequest) -> int:
+    """Daily generations a request takes: one per paid image, none for a local upscale."""
+    if generator.is_free(req):
+        return 0
+    return req.count if req.operation != "upscale" else 1
+
+
 async def generate(
     storage: StorageManager,
     generator: ImageGenerator,
@@ -109,10 +116,10 @@ async def generate(
     """
     req = generator.prepare(req)
     paid = not generator.is_free(req)
-    slots = req.count if req.operation != "upscale" else 1
+    slots = daily_slots(generator, req)
     started = time.time()
     try:
-        reservations = (await asyncio.to_thread(storage.quota.reserve_generations, user_id, slots)) if paid else []
+        reservations = (await asyncio.to_thread(storage.quota.reserve_generations, user_id, slots)) if slots else []
     except QuotaExceeded as exc:
         await asyncio.to_thread(history.record, storage, [history.attempt(started, user_id, req, error=exc)])
         raise

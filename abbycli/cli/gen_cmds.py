@@ -96,17 +96,19 @@ def _verb(req) -> str:
 
 
 def _dry_run(generator, storage, req, owner: str, as_json: bool) -> None:
+    from ..errors import DailyLimitReached, UserQuotaExceeded
+    from ..pipeline import daily_slots
+
     free = generator.is_free(req)
-    slots = 0 if free else (req.count if req.operation != "upscale" else 1)
+    slots = daily_slots(generator, req)
     status = storage.get_quota_status(owner)
     reserve = slots * storage.limits.generation_bytes
+    refused = storage.quota.would_refuse(owner, slots)  # the very check the real run makes
     refusal = None
-    if slots > status["daily"]["remaining"]:
-        refusal = f"the daily limit: {status['daily']['remaining']} generations left, {slots} needed"
-    elif status["user"]["used_bytes"] + status["user"]["reserved_bytes"] + reserve > status["user"]["limit_bytes"]:
-        refusal = "the per-user storage cap"
-    elif status["global"]["used_bytes"] + status["global"]["reserved_bytes"] + reserve > status["global"]["total_bytes"]:
-        refusal = "the global storage cap"
+    if refused is not None:
+        kind = ("daily limit" if isinstance(refused, DailyLimitReached) else
+                "per-user storage cap" if isinstance(refused, UserQuotaExceeded) else "global storage cap")
+        refusal = f"the {kind}: {refused}"
     requests = [] if free else [c.describe(generator.client.host) for c in generator.client.plan(req)]
     impact = {"daily_slots": slots, "daily_remaining_before": status["daily"]["remaining"],
               "reserved_mb": mib(reserve), "would_be_refused_by": refusal}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from ..errors import DailyLimitReached, GlobalQuotaExceeded, InvalidInput, UserQuotaExceeded
+from ..errors import DailyLimitReached, GlobalQuotaExceeded, InvalidInput, QuotaExceeded, UserQuotaExceeded
 from .ledger import Ledger
 from .names import validate_user_id
 
@@ -131,31 +131,48 @@ class QuotaManager:
         """
         return self.reserve_generations(user_id, 1, nbytes)[0]
 
+    def _check_generations(self, conn: sqlite3.Connection, user_id: str, count: int, nbytes: int,
+                           day: str) -> None:
+        """Raise unless ``count`` more generations of ``nbytes`` each fit today."""
+        used, held = self._daily_taken(conn, user_id, day)
+        left = self.limits.daily_gens - used - held
+        if count > left:
+            running = f", {held} still running" if held else ""
+            wanted = f"{count} generations were asked for but" if count > 1 else "this generation needs one but"
+            raise DailyLimitReached(
+                f"user {user_id!r} has reached the daily limit: {wanted} {max(left, 0)} of "
+                f"{self.limits.daily_gens} are left today{running}; "
+                f"the limit resets at {self.next_reset():%Y-%m-%d %H:%M %Z}"
+            )
+        self.check_room(conn, user_id, nbytes * count)
+
     def reserve_generations(self, user_id: str, count: int, nbytes: int | None = None) -> list[Reservation]:
         """Reserve ``count`` generations at once, or none: asking for 4 with 2 left is refused whole."""
+        import socket
+
         user_id = validate_user_id(user_id)
         nbytes = self.limits.generation_bytes if nbytes is None else nbytes
         day = self.today()
         with self.ledger.write() as conn:
-            used, held = self._daily_taken(conn, user_id, day)
-            left = self.limits.daily_gens - used - held
-            if count > left:
-                running = f", {held} still running" if held else ""
-                wanted = f"{count} generations were asked for but" if count > 1 else "this generation needs one but"
-                raise DailyLimitReached(
-                    f"user {user_id!r} has reached the daily limit: {wanted} {max(left, 0)} of "
-                    f"{self.limits.daily_gens} are left today{running}; "
-                    f"the limit resets at {self.next_reset():%Y-%m-%d %H:%M %Z}"
-                )
-            self.check_room(conn, user_id, nbytes * count)
-            import socket
-
+            self._check_generations(conn, user_id, count, nbytes, day)
             now, pid, host = time.time(), os.getpid(), socket.gethostname()
             ids = [conn.execute(
                 "INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (user_id, day, nbytes, pid, host, now),
             ).lastrowid for _ in range(count)]
         return [Reservation(i, user_id, day, nbytes) for i in ids]
+
+    def would_refuse(self, user_id: str, count: int) -> QuotaExceeded | None:
+        """The refusal reserve_generations would give right now, without reserving anything."""
+        if count == 0:
+            return None
+        user_id = validate_user_id(user_id)
+        with self.ledger.read() as conn:
+            try:
+                self._check_generations(conn, user_id, count, self.limits.generation_bytes, self.today())
+            except QuotaExceeded as exc:
+                return exc
+        return None
 
     def settle(self, conn: sqlite3.Connection, reservation: Reservation, charge: bool) -> None:
         """Release a reservation's room and, if ``charge``, count its daily slot."""
