@@ -13,7 +13,6 @@ from . import logfile, output
 from .app import state
 
 JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
-USER = typer.Option(None, "--user", "-u", help="User id.", show_default=False)
 
 
 def quota(
