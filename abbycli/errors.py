@@ -8,7 +8,9 @@ process exit code the CLI uses for it, so the mapping lives in one place::
     ├── InvalidInput          exit 2   bad user id, empty data, not an image
     ├── NotFound              exit 1   no such image
     ├── StorageError          exit 1   disk full, I/O failure, ledger trouble
-    │   └── Busy              exit 1   another run holds the lock
+    │   ├── Busy              exit 1   another run holds the lock
+    │   ├── FileInUse         exit 1   another program holds the file open (Windows); row kept
+    │   └── ReadOnlyStore     exit 1   the store can be read but not written by this user
     ├── QuotaExceeded         exit 3   refused by a limit (no byte written, no credit spent)
     │   ├── UserQuotaExceeded
     │   ├── GlobalQuotaExceeded
@@ -57,6 +59,16 @@ class StorageError(AbbyError):
 
 class Busy(StorageError):
     """Another process holds a single-instance lock (cleanup, check --fix)."""
+
+
+class FileInUse(StorageError):
+    """The file could not be removed because another program has it open (a
+    sharing violation on Windows). Its ledger row is kept, so nothing is lost
+    from the quota; the next cleanup tries again."""
+
+
+class ReadOnlyStore(StorageError):
+    """A command that writes was run on a store this user may only read."""
 
 
 class QuotaExceeded(AbbyError):
