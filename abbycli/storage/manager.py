@@ -30,7 +30,7 @@ from ..errors import AbbyError, Busy, InvalidInput, NotFound, StorageError, User
 from .formats import EXTENSIONS, sniff_format
 from .ledger import Ledger
 from .names import clean_stem, decode_user_dir, encode_user_id, path_under, validate_user_id
-from .quota import Limits, QuotaManager, Reservation, human_size, mib
+from .quota import Limits, QuotaManager, Reservation, human_size, mib, too_big_for_user
 from .safefs import SafeRemover, is_link, network_filesystem
 
 USERS_DIR = "images/users"
@@ -221,10 +221,7 @@ class StorageManager:
         if fmt is None:
             raise InvalidInput("the data is not a PNG, JPEG or WebP image")
         if len(data) > self.limits.user_bytes:
-            raise UserQuotaExceeded(
-                f"the image is {mib(len(data))} MB, more than the whole per-user limit of "
-                f"{mib(self.limits.user_bytes)} MB"
-            )
+            raise UserQuotaExceeded(too_big_for_user(len(data), self.limits.user_bytes))
         if reservation is not None and reservation.user_id != user_id:
             raise InvalidInput("the reservation belongs to another user")
         self._prepare()

@@ -28,13 +28,29 @@ def mib(nbytes: int) -> float:
 
 
 def human_size(nbytes: int) -> str:
-    """A size for people: '152 B', '1.4 MiB'."""
+    """A size for people in binary units: '152 B', '340.2 KiB', '1.4 MiB', '4.9 GiB'.
+
+    The config's ``*_mb`` keys are MiB, so every size abby shows uses the same
+    binary units. A value that would round up to 1024 of a unit is shown in the
+    next one, so nothing reads '1024.0 KiB'.
+    """
     size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if abs(size) < 1024:
+        return f"{nbytes} B"
+    for unit in ("KiB", "MiB", "GiB"):
         size /= 1024
+        if abs(round(size, 1)) < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def size_pair(a: int, b: int) -> tuple[str, str]:
+    """Two sizes for one sentence ('X of Y', 'X, more than Y'), exact in bytes where
+    rounding would make different sizes read the same."""
+    ha, hb = human_size(a), human_size(b)
+    if ha == hb and a != b:
+        return f"{ha} ({a:,} bytes)", f"{hb} ({b:,} bytes)"
+    return ha, hb
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,20 @@ class Reservation:
     bytes: int
 
 
+def too_big_for_user(nbytes: int, cap: int) -> str:
+    size, limit = size_pair(nbytes, cap)
+    return f"the image is {size}, more than the whole per-user limit of {limit}"
+
+
 def _status(used: int, total: int) -> tuple[float, str]:
-    percentage = round(used * 100 / total, 2)
+    """(percentage, status). The percentage is rounded down, so a store one byte
+    short of its cap reads 99.99 %, never a 100 % that is not FULL."""
+    import math
+
+    percentage = math.floor(used * 10000 / total) / 100
     if used >= total:
         return percentage, "FULL"
-    return percentage, "WARNING" if percentage >= WARNING_PERCENT else "OK"
+    return percentage, "WARNING" if used * 100 >= total * WARNING_PERCENT else "OK"
 
 
 class QuotaManager:
@@ -98,21 +123,20 @@ class QuotaManager:
         """Raise unless ``nbytes`` more fit under the user's and the global cap."""
         lim = self.limits
         if nbytes > lim.user_bytes:
-            raise UserQuotaExceeded(
-                f"the image is {mib(nbytes)} MB, more than the whole per-user limit of {mib(lim.user_bytes)} MB"
-            )
+            raise UserQuotaExceeded(too_big_for_user(nbytes, lim.user_bytes))
         row = conn.execute("SELECT bytes + reserved FROM usage WHERE user_id = ?", (user_id,)).fetchone()
         user_used = row[0] if row else 0
         if user_used + nbytes > lim.user_bytes:
+            used, cap = size_pair(user_used, lim.user_bytes)
             raise UserQuotaExceeded(
-                f"user {user_id!r} is at their storage limit: {mib(user_used)} of {mib(lim.user_bytes)} MB used, "
-                f"{mib(nbytes)} MB more needed"
+                f"user {user_id!r} is at their storage limit: {used} of {cap} used, "
+                f"{human_size(nbytes)} more needed"
             )
         global_used = conn.execute("SELECT bytes + reserved FROM totals").fetchone()[0]
         if global_used + nbytes > lim.global_bytes:
+            used, cap = size_pair(global_used, lim.global_bytes)
             raise GlobalQuotaExceeded(
-                f"the shared storage is full: {mib(global_used)} of {mib(lim.global_bytes)} MB used, "
-                f"{mib(nbytes)} MB more needed"
+                f"the shared storage is full: {used} of {cap} used, {human_size(nbytes)} more needed"
             )
 
     def _daily_taken(self, conn: sqlite3.Connection, user_id: str, day: str) -> tuple[int, int]:
