@@ -191,6 +191,9 @@ KEYS: dict[str, Key] = {
             "Default: fast when an API key is set, local (offline, free) when not."),
         Key("generation.upscale_timeout", _positive_number, 600,
             "Seconds to wait for a creative upscale to finish.", from_text=_num_text),
+        Key("generation.max_megapixels", _positive_number, 40,
+            "Largest image, in megapixels (million pixels), that abby reads as an input or makes\n"
+            "locally; larger ones are refused before any memory is spent on them.", from_text=_num_text),
         Key("cli.default_user", _user_id, None,
             "User id the command line acts for when --user is not given."),
         Key("cli.log_file", _non_empty, None,
@@ -246,6 +249,7 @@ class GenerationSettings:
     img2img_model: str = "sd3.5-large"
     upscale_mode: str | None = None
     upscale_timeout: float = 600
+    max_megapixels: float = 40
 
 
 @dataclass(frozen=True)
