@@ -64,6 +64,11 @@ def main() -> None:
             ok += 1
         except QuotaExceeded:
             refused += 1
+    if action == "reserve":
+        # Hold the reservations while the other workers compete: a finished (dead)
+        # process's reservations are reclaimed at once, as a crashed bot's are.
+        while time.time() < float(start_at) + 3:
+            time.sleep(0.01)
     print(json.dumps({"ok": ok, "refused": refused}))
 
 

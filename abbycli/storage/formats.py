@@ -1,6 +1,10 @@
-"""Recognise the image formats abby stores, by their real signature, not their name."""
+"""Recognise and check the image formats abby stores, by their content, not their name."""
 
 from __future__ import annotations
+
+import io
+
+from ..errors import InvalidInput
 
 # format -> stored extension
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -15,3 +19,32 @@ def sniff_format(data: bytes) -> str | None:
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     return None
+
+
+def verify_image(data: bytes, what: str = "the data") -> tuple[str, int, int]:
+    """(format, width, height) of a whole PNG, JPEG or WebP; InvalidInput otherwise.
+
+    Every pixel is decoded, so a cut-off or corrupt file is refused before it is
+    stored. The size is read from the header first: an image too large for
+    Pillow's decompression-bomb limit is refused without decoding it (and
+    without the warning Pillow would print).
+    """
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidInput(f"{what} is not a PNG, JPEG or WebP image")
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as img:
+            width, height = img.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and width * height > limit:
+                raise InvalidInput(f"{what} is a {width}x{height} image, more than the "
+                                   f"{limit / 1e6:.0f} megapixels abby accepts")
+            img.load()  # decodes every pixel: a truncated or corrupt file fails here
+    except InvalidInput:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken data
+        reason = str(exc).split(" <", 1)[0] or type(exc).__name__  # never an object repr
+        raise InvalidInput(f"{what} is a damaged {fmt.upper()} image ({reason})") from None
+    return fmt, width, height

@@ -174,16 +174,17 @@ class Ledger:
         """Delete up to ``limit`` image rows matching ``where`` (oldest first) inside the
         caller's write transaction, keeping the usage totals exact.
 
-        Returns (id, user_id, rel_path, size, created_at) for each deleted row.
+        Returns whole rows (id, user_id, rel_path, size, format, created_at, meta), oldest
+        first, so that a row whose file cannot be removed can be put back by ``restore``.
         """
         conn.execute("UPDATE bulk_delete SET active = 1")
         rows = conn.execute(
             f"DELETE FROM images WHERE id IN (SELECT id FROM images WHERE {where} ORDER BY created_at, id LIMIT ?) "
-            "RETURNING id, user_id, rel_path, size, created_at",
+            "RETURNING id, user_id, rel_path, size, format, created_at, meta",
             [*args, limit],
         ).fetchall()
         per_user: dict[str, list[int]] = {}
-        for _id, user, _rel, size, _created in rows:
+        for _id, user, _rel, size, *_ in rows:
             totals = per_user.setdefault(user, [0, 0])
             totals[0] += size
             totals[1] += 1
@@ -192,8 +193,20 @@ class Ledger:
         conn.execute("UPDATE totals SET bytes = bytes - ?, files = files - ?",
                      (sum(b for b, _ in per_user.values()), len(rows)))
         conn.execute("UPDATE bulk_delete SET active = 0")
-        rows.sort(key=lambda r: (r[4], r[0]))
+        rows.sort(key=lambda r: (r[5], r[0]))
         return rows
+
+    @staticmethod
+    def restore(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        """Put back rows returned by ``delete_many`` whose files are still on disk.
+
+        AUTOINCREMENT never hands out an id twice, so the old id is still free; the
+        insert trigger counts the bytes again.
+        """
+        conn.executemany(
+            "INSERT INTO images (id, user_id, rel_path, size, format, created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
 
     def _initialise(self, conn: sqlite3.Connection) -> None:
         """Switch to WAL and create the schema, one process at a time.

@@ -26,15 +26,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import AbbyError, Busy, InvalidInput, NotFound, StorageError, UserQuotaExceeded
-from .formats import EXTENSIONS, sniff_format
+from ..errors import AbbyError, Busy, FileInUse, InvalidInput, NotFound, StorageError, UserQuotaExceeded
+from .formats import EXTENSIONS, sniff_format, verify_image
 from .ledger import Ledger
 from .names import clean_stem, decode_user_dir, encode_user_id, path_under, validate_user_id
-from .quota import Limits, QuotaManager, Reservation, human_size, mib, too_big_for_user
-from .safefs import SafeRemover, is_link, network_filesystem
+from .liveness import abandoned
+from .quota import Limits, QuotaManager, Reservation, human_size, mib, reclaim_abandoned, too_big_for_user
+from .safefs import DELETED, IN_USE, MISSING, UNSAFE, SafeRemover, is_link, network_filesystem
 
 USERS_DIR = "images/users"
-STALE_AFTER_SECONDS = 3600  # a temp file or reservation this old is abandoned, whatever its pid
 LOCK_TIMEOUT_SECONDS = 10.0
 
 
@@ -64,14 +64,15 @@ class CleanupReport:
     temp_files: list[str] = field(default_factory=list)
     empty_dirs: list[str] = field(default_factory=list)
     released_reservations: int = 0
-    skipped: list[str] = field(default_factory=list)  # rows whose file sat behind a symlink
+    skipped: list[str] = field(default_factory=list)  # files behind a link: never followed, rows kept
+    kept: list[str] = field(default_factory=list)  # files that could not be removed now (in use): rows kept
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "dry_run": self.dry_run, "cutoff": self.cutoff.isoformat(),
             "deleted_files": len(self.deleted), "freed_bytes": self.freed_bytes, "freed_mb": mib(self.freed_bytes),
             "files": self.deleted, "temp_files": self.temp_files, "empty_dirs": self.empty_dirs,
-            "released_reservations": self.released_reservations, "skipped": self.skipped,
+            "released_reservations": self.released_reservations, "skipped": self.skipped, "kept": self.kept,
         }
 
 
@@ -98,30 +99,6 @@ class CheckReport:
             "consistent": not self.remaining, "fix": self.fix, "files_checked": self.files_checked,
             "problems": [p.__dict__ for p in self.problems], "remaining": len(self.remaining),
         }
-
-
-def _pid_alive(pid: int) -> bool | None:
-    """True/False on POSIX; None where it cannot be asked safely (on Windows
-    os.kill would terminate the process)."""
-    if os.name != "posix":
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _abandoned(pid: int | None, host: str | None, created: float, now: float) -> bool:
-    if now - created > STALE_AFTER_SECONDS:
-        return True
-    import socket
-
-    if pid is None or (host is not None and host != socket.gethostname()):
-        return False
-    return _pid_alive(pid) is False
 
 
 class StorageManager:
@@ -217,13 +194,11 @@ class StorageManager:
         data = bytes(image_data)
         if not data:
             raise InvalidInput("the image data is empty")
-        fmt = sniff_format(data)
-        if fmt is None:
-            raise InvalidInput("the data is not a PNG, JPEG or WebP image")
         if len(data) > self.limits.user_bytes:
             raise UserQuotaExceeded(too_big_for_user(len(data), self.limits.user_bytes))
         if reservation is not None and reservation.user_id != user_id:
             raise InvalidInput("the reservation belongs to another user")
+        fmt = verify_image(data)[0]  # before anything is written
         self._prepare()
         if reservation is None:
             # Cheap early refusal (no lock): spares writing a temp file that would be refused.
@@ -367,15 +342,30 @@ class StorageManager:
 
     # --- deleting -----------------------------------------------------------------
     def delete_image(self, ref: int | str | os.PathLike) -> StoredImage:
-        """Remove one image: the row first (the quota frees at once), then the file."""
+        """Remove one image: the row first (the quota frees at once), then the file.
+
+        If the file cannot be removed (another program holds it open on Windows, a
+        permission problem), the row is put back and FileInUse or StorageError is
+        raised: the quota never forgets a file that is still on disk.
+        """
         image = self.get_image(ref)
         with self.ledger.write() as conn:
-            gone = conn.execute("DELETE FROM images WHERE id = ?", (image.id,)).rowcount == 0
-        if gone:
+            rows = conn.execute(f"DELETE FROM images WHERE id = ? RETURNING {self._COLUMNS}", (image.id,)).fetchall()
+        if not rows:
             raise NotFound(f"image {image.id} was deleted by someone else meanwhile")
+        rel_dir, _, name = rows[0][2].rpartition("/")
         with SafeRemover(self.root) as remover:
-            remover.unlink(image.path.relative_to(self.root).as_posix())
-        return image
+            outcome = remover.unlink_all(rel_dir, [name])[0]
+        if outcome in (DELETED, MISSING):
+            return image
+        with self.ledger.write() as conn:
+            self.ledger.restore(conn, rows)
+        if outcome == IN_USE:
+            raise FileInUse(f"{image.path} is open in another program; image {image.id} was kept; "
+                            "close it and try again")
+        if outcome == UNSAFE:
+            raise StorageError(f"{image.path} sits behind a link; abby never deletes through one; image kept")
+        raise StorageError(f"cannot delete {image.path}; image {image.id} was kept")
 
     # --- cleanup --------------------------------------------------------------------
     def _maintenance_lock(self, timeout: float):
@@ -414,15 +404,9 @@ class StorageManager:
             pid = int(pid_text) if pid_text.isdigit() else None
             if entry.is_dir(follow_symlinks=False):
                 continue
-            if _abandoned(pid, None, st.st_mtime, now):
+            if abandoned(pid, None, st.st_mtime, now):
                 out.append(f"temp/{entry.name}")
         return sorted(out)
-
-    def _release_stale_reservations(self, conn, now: float) -> list[tuple]:
-        rows = conn.execute("SELECT id, user_id, bytes, pid, host, created_at FROM reservations").fetchall()
-        stale = [r for r in rows if _abandoned(r[3], r[4], r[5], now)]
-        conn.executemany("DELETE FROM reservations WHERE id = ?", [(r[0],) for r in stale])
-        return stale
 
     def cleanup(
         self,
@@ -448,49 +432,69 @@ class StorageManager:
         if user_id is not None:
             where += " AND user_id = ?"
             args.append(validate_user_id(user_id))
-        root = str(self.root) + os.sep
         with self._maintenance_lock(lock_timeout):
             temp_files = self._stale_temp_files(now)
             if dry_run:
                 with self.ledger.read() as conn:
                     rows = conn.execute(f"SELECT rel_path, size FROM images WHERE {where} ORDER BY created_at, id",
                                         args).fetchall()
-                report.deleted = [root + rel for rel, _ in rows]
+                report.deleted = [self._abs(rel) for rel, _ in rows]
                 report.freed_bytes = sum(size for _, size in rows)
-                report.temp_files = [root + t for t in temp_files]
-                report.empty_dirs = [root + d for d in self._dirs_left_empty({r[0] for r in rows}, user_id)]
+                report.temp_files = [self._abs(t) for t in temp_files]
+                report.empty_dirs = [self._abs(d) for d in self._dirs_left_empty({r[0] for r in rows}, user_id)]
                 with self.ledger.read() as conn:
                     reservations = conn.execute("SELECT pid, host, created_at FROM reservations").fetchall()
-                report.released_reservations = sum(_abandoned(*r, now) for r in reservations)
+                report.released_reservations = sum(abandoned(*r, now) for r in reservations)
                 return report
             touched: set[str] = set()
             with SafeRemover(self.root) as remover:
-                batches = self._delete_expired(remover, where, args)
-                for rels, sizes, outcomes in batches:
-                    for rel, outcome in zip(rels, outcomes):
-                        if outcome == "unsafe":
-                            report.skipped.append(root + rel)
-                    report.deleted += [root + rel for rel in rels]
-                    report.freed_bytes += sum(sizes)
-                    touched.update(rel.rsplit("/", 1)[0] for rel in rels)
+                kept_rows = []
+                for row, outcome in self._delete_expired(remover, where, args):
+                    rel = row[2]
+                    if outcome in (DELETED, MISSING):
+                        report.deleted.append(self._abs(rel))
+                        report.freed_bytes += row[3]
+                        touched.add(rel.rpartition("/")[0])
+                    else:
+                        kept_rows.append(row)
+                        (report.skipped if outcome == UNSAFE else report.kept).append(self._abs(rel))
+                if kept_rows:
+                    # Still on disk, so still counted: the next run tries again.
+                    with self.ledger.write() as conn:
+                        self.ledger.restore(conn, kept_rows)
                 for rel in temp_files:
-                    remover.unlink(rel)
-                    report.temp_files.append(root + rel)
+                    outcome = remover.unlink(rel)
+                    if outcome in (DELETED, MISSING):
+                        report.temp_files.append(self._abs(rel))
+                    elif outcome != UNSAFE:
+                        report.kept.append(self._abs(rel))
                 candidates = touched | set(self._dirs_left_empty(set(), user_id, only_empty=True))
-                report.empty_dirs = [root + d for d in sorted(candidates) if remover.rmdir(d)]
+                report.empty_dirs = [self._abs(d) for d in sorted(candidates) if remover.rmdir(d)]
             with self.ledger.write() as conn:
-                report.released_reservations = len(self._release_stale_reservations(conn, now))
+                report.released_reservations = len(reclaim_abandoned(conn, now))
         return report
 
-    def _delete_expired(self, remover: SafeRemover, where: str, args: list, batch: int = 10_000, workers: int = 2):
+    def _abs(self, rel: str) -> str:
+        """A ledger path ('images/users/a/x.png') as this OS writes it: the same text as
+        StoredImage.path, so reports and listings can be compared."""
+        return str(self.root.joinpath(*rel.split("/")))
+
+    def _delete_expired(self, remover: SafeRemover, where: str, args: list, batch: int = 10_000,
+                        workers: int = 2) -> list[tuple[tuple, str]]:
         """Delete matching rows in batches and their files, overlapping the two.
 
-        Each batch's rows are committed before any of its files is unlinked (so a
-        crash leaves files without rows, which check adopts, never the reverse);
-        while threads unlink one batch, the next batch's rows are being deleted.
+        Returns (row, outcome) for every deleted row; rows whose outcome is not
+        DELETED or MISSING must be restored by the caller. Each batch's rows are
+        committed before any of its files is unlinked (so a crash leaves files
+        without rows, which check adopts, never the reverse); while threads unlink
+        one batch folder by folder, the next batch's rows are being deleted.
         Unlinking waits on the filesystem, not on Python, so the threads overlap.
         """
         from concurrent.futures import ThreadPoolExecutor
+
+        def unlink_folder(rel_dir: str, group: list[tuple]) -> list[tuple[tuple, str]]:
+            outcomes = remover.unlink_all(rel_dir, [r[2].rpartition("/")[2] for r in group])
+            return list(zip(group, outcomes))
 
         pending = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -499,13 +503,11 @@ class StorageManager:
                     rows = self.ledger.delete_many(conn, where, args, limit=batch)
                 if not rows:
                     break
-                rels = [r[2] for r in rows]
-                remover.prepare(rels)
-                step = -(-len(rels) // workers)
-                parts = [pool.submit(lambda part: [remover.unlink(p) for p in part], rels[i:i + step])
-                         for i in range(0, len(rels), step)]
-                pending.append((rels, [r[3] for r in rows], parts))
-        return [(rels, sizes, [o for part in parts for o in part.result()]) for rels, sizes, parts in pending]
+                by_folder: dict[str, list[tuple]] = {}
+                for row in rows:
+                    by_folder.setdefault(row[2].rpartition("/")[0], []).append(row)
+                pending += [pool.submit(unlink_folder, d, g) for d, g in by_folder.items()]
+        return [pair for future in pending for pair in future.result()]
 
     def _dirs_left_empty(self, doomed: set[str], user_id: str | None, only_empty: bool = False) -> list[str]:
         """User folders that hold nothing once ``doomed`` files are gone (or, with
@@ -551,20 +553,20 @@ class StorageManager:
             with self.ledger.write() as conn:
                 for rel in suspects:
                     self._confirm_and_fix(conn, rel, report, fix)
-                for i, user_id, nbytes, *_ in self._release_stale_reservations(conn, now) if fix else []:
+                for i, user_id, nbytes, *_ in reclaim_abandoned(conn, now) if fix else []:
                     report.problems.append(Problem("stale_reservation", user_id,
                                                    f"reservation {i} of {nbytes} bytes abandoned", fixed=True))
                 if not fix:
                     for r in conn.execute("SELECT id, user_id, bytes, pid, host, created_at FROM reservations"):
-                        if _abandoned(r[3], r[4], r[5], now):
+                        if abandoned(r[3], r[4], r[5], now):
                             report.problems.append(Problem("stale_reservation", r[1],
                                                            f"reservation {r[0]} of {r[2]} bytes abandoned"))
                 if drift:  # seen in a consistent snapshot; confirmed (and fixed) under the lock
                     self._check_totals(conn, report, fix)
             with SafeRemover(self.root) as remover:
                 for rel in temp_files:
-                    fixed = fix and remover.unlink(rel) in ("deleted", "missing")
-                    report.problems.append(Problem("temp_leftover", str(self.root / rel), "abandoned partial write",
+                    fixed = fix and remover.unlink(rel) in (DELETED, MISSING)
+                    report.problems.append(Problem("temp_leftover", self._abs(rel), "abandoned partial write",
                                                    fixed=fixed))
             for path, why in foreign:
                 report.problems.append(Problem("foreign", path, why))

@@ -103,6 +103,19 @@ def _status(used: int, total: int) -> tuple[float, str]:
     return percentage, "WARNING" if used * 100 >= total * WARNING_PERCENT else "OK"
 
 
+def reclaim_abandoned(conn: sqlite3.Connection, now: float, user_id: str | None = None) -> list[tuple]:
+    """Delete reservations whose owner is gone (see ``liveness.abandoned``); returns
+    their rows (id, user_id, bytes, pid, host, created_at). A crashed bot must not
+    keep a user's daily slots until the next cleanup."""
+    from .liveness import abandoned
+
+    sql = "SELECT id, user_id, bytes, pid, host, created_at FROM reservations"
+    rows = conn.execute(sql + " WHERE user_id = ?", (user_id,)).fetchall() if user_id else conn.execute(sql).fetchall()
+    stale = [r for r in rows if abandoned(r[3], r[4], r[5], now)]
+    conn.executemany("DELETE FROM reservations WHERE id = ?", [(r[0],) for r in stale])
+    return stale
+
+
 class QuotaManager:
     def __init__(self, ledger: Ledger, limits: Limits):
         self.ledger = ledger
@@ -178,8 +191,9 @@ class QuotaManager:
         nbytes = self.limits.generation_bytes if nbytes is None else nbytes
         day = self.today()
         with self.ledger.write() as conn:
-            self._check_generations(conn, user_id, count, nbytes, day)
             now, pid, host = time.time(), os.getpid(), socket.gethostname()
+            reclaim_abandoned(conn, now, user_id)
+            self._check_generations(conn, user_id, count, nbytes, day)
             ids = [conn.execute(
                 "INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (user_id, day, nbytes, pid, host, now),
@@ -198,15 +212,22 @@ class QuotaManager:
                 return exc
         return None
 
-    def settle(self, conn: sqlite3.Connection, reservation: Reservation, charge: bool) -> None:
-        """Release a reservation's room and, if ``charge``, count its daily slot."""
-        conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+    def settle(self, conn: sqlite3.Connection, reservation: Reservation, charge: bool) -> bool:
+        """Release a reservation's room and, if ``charge``, count its daily slot.
+
+        Settling twice (store() with the reservation, then confirm(); or a refund
+        after a reclaim) is a no-op: the slot is counted by whoever removes the row.
+        Returns False when the reservation was already settled.
+        """
+        if conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,)).rowcount == 0:
+            return False
         if charge:
             conn.execute(
                 "INSERT INTO daily (user_id, day, used) VALUES (?, ?, 1) "
                 "ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1",
                 (reservation.user_id, reservation.day),
             )
+        return True
 
     def confirm(self, reservation: Reservation) -> None:
         """The generation succeeded: the daily slot is spent, the held room freed."""

@@ -10,11 +10,17 @@ Windows has no dir_fd; there each folder is checked for a reparse point
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 _POSIX = os.name == "posix" and os.unlink in os.supports_dir_fd
+
+# What happened to one file. Only DELETED and MISSING mean the file is gone;
+# for the others its ledger row must be kept.
+DELETED, MISSING, UNSAFE, IN_USE, FAILED = "deleted", "missing", "unsafe", "in_use", "failed"
 
 
 def is_link(path: str | os.PathLike) -> bool:
@@ -28,94 +34,157 @@ def is_link(path: str | os.PathLike) -> bool:
     return bool(getattr(st, "st_file_attributes", 0) & getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0))
 
 
+def _outcome(exc: OSError) -> str:
+    """Sort a failed unlink: gone already, held open by someone (Windows sharing
+    violation, EBUSY), or anything else (permissions, EMFILE, I/O)."""
+    if isinstance(exc, FileNotFoundError):
+        return MISSING
+    if getattr(exc, "winerror", None) in (5, 32, 33) or exc.errno == errno.EBUSY:
+        return IN_USE
+    return FAILED
+
+
 class SafeRemover:
-    """Deletes files and empty folders given as paths relative to the root."""
+    """Deletes files and empty folders given as paths relative to the root.
+
+    Only the few folders every path shares (the root, ``images``, ``images/users``,
+    ``temp``) stay open; a user's folder is opened for the files being removed
+    from it and closed again, so a cleanup over any number of users needs a
+    handful of descriptors. Safe to share between threads.
+    """
+
+    _SHARED = frozenset(["", "images", "images/users", "temp"])
 
     def __init__(self, root: Path):
         self.root = root
-        self._dirs: dict[str, int | None] = {}  # relative folder -> fd (POSIX) or None if unsafe
-        self._checked: dict[str, bool] = {}  # Windows: relative folder -> safe
+        self._fds: dict[str, int | None] = {}  # shared folder -> fd, or None if unsafe/missing
+        self._lock = threading.RLock()
 
-    def _dir_fd(self, rel_dir: str) -> int | None:
-        if rel_dir in self._dirs:
-            return self._dirs[rel_dir]
+    def _open_child(self, parent_fd: int, name: str) -> int:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+
+    def _shared_fd(self, rel_dir: str) -> int | None:
+        with self._lock:  # re-entrant: a folder's parent is opened first
+            if rel_dir not in self._fds:
+                parent, _, name = rel_dir.rpartition("/")
+                if not name:
+                    self._fds[rel_dir] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                else:
+                    parent_fd = self._shared_fd(parent)
+                    try:
+                        self._fds[rel_dir] = None if parent_fd is None else self._open_child(parent_fd, name)
+                    except FileNotFoundError:
+                        self._fds[rel_dir] = None
+                    except OSError as exc:
+                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                            raise  # EMFILE and the like say nothing about the folder: not remembered
+                        self._fds[rel_dir] = None
+            return self._fds[rel_dir]
+
+    def _folder(self, rel_dir: str) -> tuple[int | None, bool, str]:
+        """(fd, owned, problem) for a folder: the fd is the caller's to close when owned;
+        problem is MISSING/UNSAFE when there is no fd."""
+        if rel_dir in self._SHARED:
+            fd = self._shared_fd(rel_dir)
+            return fd, False, "" if fd is not None else (UNSAFE if os.path.lexists(self.root / rel_dir) else MISSING)
         parent, _, name = rel_dir.rpartition("/")
-        if name == "":
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        else:
-            parent_fd = self._dir_fd(parent)
-            fd = None
-            if parent_fd is not None:
-                try:
-                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
-                except OSError:
-                    fd = None  # a symlink (ELOOP), not a folder, or gone
-        self._dirs[rel_dir] = fd
-        return fd
+        parent_fd, owned, problem = self._folder(parent)
+        if parent_fd is None:
+            return None, False, problem
+        try:
+            return self._open_child(parent_fd, name), True, ""
+        except FileNotFoundError:
+            return None, False, MISSING
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                return None, False, UNSAFE  # a symlink, or not a folder: never followed
+            raise
+        finally:
+            if owned:
+                os.close(parent_fd)
 
-    def _dir_safe(self, rel_dir: str) -> bool:
-        if rel_dir not in self._checked:
-            parent, _, name = rel_dir.rpartition("/")
-            safe = True if not name else self._dir_safe(parent) and not is_link(self.root / rel_dir)
-            self._checked[rel_dir] = safe
-        return self._checked[rel_dir]
+    def unlink_all(self, rel_dir: str, names: list[str]) -> list[str]:
+        """Remove files of one folder; one outcome per name (see the constants above)."""
+        if any(n in ("", ".", "..") or "/" in n for n in names):
+            raise ValueError("bare file names only")
+        if not _POSIX:
+            return self._unlink_all_windows(rel_dir, names)
+        try:
+            fd, owned, problem = self._folder(rel_dir)
+        except OSError:
+            return [FAILED] * len(names)  # e.g. out of descriptors: the rows are kept, retried next run
+        if fd is None:
+            return [problem] * len(names)
+        out = []
+        try:
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=fd)
+                    out.append(DELETED)
+                except OSError as exc:
+                    out.append(_outcome(exc))
+        finally:
+            if owned:
+                os.close(fd)
+        return out
+
+    def _unlink_all_windows(self, rel_dir: str, names: list[str]) -> list[str]:
+        # No dir_fd: refuse to go through any reparse point on the way instead.
+        parts = rel_dir.split("/") if rel_dir else []
+        for i in range(1, len(parts) + 1):
+            if is_link(self.root.joinpath(*parts[:i])):
+                return [UNSAFE] * len(names)
+        folder = self.root.joinpath(*parts)
+        out = []
+        for name in names:
+            try:
+                if is_link(folder / name):
+                    out.append(UNSAFE)
+                    continue
+                os.unlink(folder / name)
+                out.append(DELETED)
+            except OSError as exc:
+                out.append(_outcome(exc))
+        return out
 
     def unlink(self, rel_path: str) -> str:
-        """Remove one file. Returns 'deleted', 'missing' or 'unsafe' (a link on the way)."""
+        """Remove one file; returns its outcome."""
         rel_dir, _, name = rel_path.rpartition("/")
         if name in ("", ".", ".."):
-            return "unsafe"
-        try:
-            if _POSIX:
-                fd = self._dir_fd(rel_dir)
-                if fd is None:
-                    return "unsafe" if os.path.lexists(self.root / rel_dir) else "missing"
-                os.unlink(name, dir_fd=fd)
-            else:
-                if not self._dir_safe(rel_dir):
-                    return "unsafe"
-                os.unlink(self.root / rel_path)
-        except FileNotFoundError:
-            return "missing"
-        return "deleted"
-
-    def prepare(self, rel_paths: list[str]) -> None:
-        """Open (or check) every folder on the way before threads share this remover,
-        so that its cache is only ever read concurrently."""
-        for rel_dir in {p.rpartition("/")[0] for p in rel_paths}:
-            if _POSIX:
-                self._dir_fd(rel_dir)
-            else:
-                self._dir_safe(rel_dir)
+            return UNSAFE
+        return self.unlink_all(rel_dir, [name])[0]
 
     def rmdir(self, rel_dir: str) -> bool:
         """Remove a folder if it is empty (and not a link). True if removed."""
         parent, _, name = rel_dir.rpartition("/")
         try:
             if _POSIX:
-                fd = self._dir_fd(parent)
+                fd, owned, _ = self._folder(parent)
                 if fd is None:
                     return False
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISDIR(st.st_mode):
-                    return False
-                old = self._dirs.pop(rel_dir, None)
-                if old is not None:
-                    os.close(old)
-                os.rmdir(name, dir_fd=fd)
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        return False
+                    os.rmdir(name, dir_fd=fd)
+                finally:
+                    if owned:
+                        os.close(fd)
             else:
-                if not self._dir_safe(parent) or is_link(self.root / rel_dir):
+                if any(is_link(self.root.joinpath(*rel_dir.split("/")[:i]))
+                       for i in range(1, rel_dir.count("/") + 2)):
                     return False
-                os.rmdir(self.root / rel_dir)
+                os.rmdir(self.root.joinpath(*rel_dir.split("/")))
         except OSError:
             return False  # not empty, or a save created a file meanwhile
         return True
 
     def close(self) -> None:
-        for fd in self._dirs.values():
-            if fd is not None:
-                os.close(fd)
-        self._dirs.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                if fd is not None:
+                    os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> "SafeRemover":
         return self
