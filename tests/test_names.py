@@ -8,8 +8,8 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from abbycli.errors import InvalidInput
-from abbycli.storage.names import (MAX_STEM_BYTES, clean_stem, decode_user_dir, encode_user_id, path_under,
-                                   validate_user_id)
+from abbycli.storage.names import (MAX_STEM_BYTES, MAX_USER_DIR_CHARS, WINDOWS_MAX_PATH, clean_stem,
+                                   decode_user_dir, encode_user_id, fit_name, path_under, validate_user_id)
 
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 SAFE_DIR = re.compile(r"^[a-z0-9_^%-]+$")
@@ -24,7 +24,7 @@ def folder_or_none(user_id):
     try:
         return encode_user_id(user_id)
     except InvalidInput as exc:
-        assert "too long" in str(exc)
+        assert "too long" in str(exc) or "invisible" in str(exc)
         return None
 
 
@@ -36,13 +36,13 @@ def test_user_folder_is_safe_and_reversible(user_id):
     assert folder == folder.lower()  # so case-insensitive filesystems cannot merge two users
     assert folder not in WINDOWS_RESERVED
     assert folder not in (".", "..")
-    assert decode_user_dir(folder) == user_id
+    assert decode_user_dir(folder) == validate_user_id(user_id)  # the NFC form
 
 
 @given(user_ids, user_ids)
 def test_different_ids_never_share_a_folder_even_ignoring_case(a, b):
     fa, fb = folder_or_none(a), folder_or_none(b)
-    assume(a != b and fa and fb)
+    assume(fa and fb and validate_user_id(a) != validate_user_id(b))
     assert fa.casefold() != fb.casefold()
 
 
@@ -124,3 +124,38 @@ def test_path_under_refuses_escapes(tmp_path):
     (root / "link").symlink_to(tmp_path)
     with pytest.raises(InvalidInput):
         path_under(root, "link", "x")
+
+
+def test_ids_that_look_the_same_are_one_user():
+    nfc, nfd = "Ren\u00e9", "Rene\u0301"
+    assert validate_user_id(nfd) == validate_user_id(nfc) == nfc
+    assert encode_user_id(nfd) == encode_user_id(nfc)
+
+
+@pytest.mark.parametrize("bad", ["adm\u200bin", "\u200dadmin", "ad\u2028min", "x\ufeff", "a\ud800b"])
+def test_invisible_characters_are_refused(bad):
+    with pytest.raises(InvalidInput, match="invisible"):
+        validate_user_id(bad)
+
+
+def test_worst_case_stored_path_fits_windows_max_path():
+    # The longest folder abby makes, the longest stem, a 19-digit id and a 90-character root.
+    root = "C:\\" + "r" * 87
+    longest_id = "%" * (MAX_USER_DIR_CHARS // 3)  # each '%' becomes '%25'
+    folder = encode_user_id(longest_id)
+    assert len(folder) == MAX_USER_DIR_CHARS
+    user_path = f"{root}\\images\\users\\{folder}"
+    stem = clean_stem("\u5c71" * 200)  # as long as a stem can be (100 bytes)
+    name = fit_name(user_path, stem, f"-{2**63 - 1}.webp", windows=True)
+    full = f"{user_path}\\{name}"
+    assert len(full.encode("utf-16-le")) // 2 <= WINDOWS_MAX_PATH
+    assert name.endswith(f"-{2**63 - 1}.webp") and name.startswith("\u5c71")
+
+
+def test_a_root_too_long_for_windows_is_refused_with_a_clear_line():
+    with pytest.raises(InvalidInput, match="shorter storage.root"):
+        fit_name("C:\\" + "r" * 250, "cat", "-1.png", windows=True)
+
+
+def test_names_are_not_shortened_where_paths_are_not_limited():
+    assert fit_name("/" + "r" * 300, "a cat", "-1.png", windows=False) == "a cat-1.png"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import BinaryIO
 
 from ..errors import InvalidInput
 
@@ -21,21 +22,27 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def verify_image(data: bytes, what: str = "the data") -> tuple[str, int, int]:
+def verify_image(data: bytes | BinaryIO, what: str = "the data") -> tuple[str, int, int]:
     """(format, width, height) of a whole PNG, JPEG or WebP; InvalidInput otherwise.
 
     Every pixel is decoded, so a cut-off or corrupt file is refused before it is
     stored. The size is read from the header first: an image too large for
     Pillow's decompression-bomb limit is refused without decoding it (and
-    without the warning Pillow would print).
+    without the warning Pillow would print). ``data`` is bytes or a binary file
+    opened at its start (read in place, never all at once).
     """
-    fmt = sniff_format(data)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        stream: BinaryIO = io.BytesIO(data)
+    else:
+        stream = data
+    fmt = sniff_format(stream.read(16))
+    stream.seek(0)
     if fmt is None:
         raise InvalidInput(f"{what} is not a PNG, JPEG or WebP image")
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as img:
+        with Image.open(stream, formats=[fmt.upper()]) as img:
             width, height = img.size
             limit = Image.MAX_IMAGE_PIXELS
             if limit and width * height > limit:

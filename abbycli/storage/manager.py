@@ -18,6 +18,7 @@ Deleting goes the other way: remove the row, commit, then unlink.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import time
@@ -29,9 +30,10 @@ from typing import Any, Iterable
 from ..errors import AbbyError, Busy, FileInUse, InvalidInput, NotFound, StorageError, UserQuotaExceeded
 from .formats import EXTENSIONS, sniff_format, verify_image
 from .ledger import Ledger
-from .names import clean_stem, decode_user_dir, encode_user_id, path_under, validate_user_id
+from .names import clean_stem, decode_user_dir, encode_user_id, fit_name, path_under, validate_user_id
 from .liveness import abandoned
-from .quota import Limits, QuotaManager, Reservation, human_size, mib, reclaim_abandoned, too_big_for_user
+from .quota import (Limits, QuotaManager, Reservation, human_size, mib, reclaim_abandoned, size_pair,
+                    too_big_for_user)
 from .safefs import DELETED, IN_USE, MISSING, UNSAFE, SafeRemover, is_link, network_filesystem
 
 USERS_DIR = "images/users"
@@ -78,7 +80,9 @@ class CleanupReport:
 
 @dataclass
 class Problem:
-    kind: str  # missing_file orphan_file size_mismatch stale_reservation temp_leftover totals foreign network_share
+    # missing_file orphan_file size_mismatch not_an_image changed over_quota stale_reservation temp_leftover
+    # totals foreign network_share
+    kind: str
     path: str
     detail: str
     fixed: bool = False
@@ -101,6 +105,40 @@ class CheckReport:
         }
 
 
+MAX_DAYS = 36_500  # a century: any longer age is a typo, and would overflow date arithmetic
+
+
+def _check_days(name: str, days: object, minimum: float) -> None:
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or not math.isfinite(days):
+        raise InvalidInput(f"{name} must be a number of days, got {days!r}")
+    if not minimum <= days <= MAX_DAYS:
+        low = "0" if minimum == 0 else "more than 0"
+        raise InvalidInput(f"{name} must be {low} and at most {MAX_DAYS:,} days, got {days!r}")
+
+
+_MAX_ID = 2**63 - 1  # SQLite's INTEGER range
+
+
+def parse_image_id(ref: object) -> int | None:
+    """The ledger id ``ref`` names, or None when it is a path. Ids are written with
+    the ASCII digits 0-9 only: '١' or '²' (which str.isdigit() accepts) and numbers
+    beyond SQLite's range are refused, not guessed at."""
+    if isinstance(ref, bool):
+        raise InvalidInput(f"{ref!r} is not an image id")
+    if isinstance(ref, int):
+        text = str(ref)
+    elif isinstance(ref, str) and ref and all(ch.isdigit() or ch.isdecimal() or ch.isnumeric() for ch in ref):
+        text = ref
+    else:
+        return None
+    if not text.isascii() or not text.isdigit():
+        raise InvalidInput(f"{text!r} is not an image id: ids are written with the digits 0-9")
+    value = int(text)
+    if not 1 <= value <= _MAX_ID:
+        raise InvalidInput(f"image id {text} is out of range (1 to {_MAX_ID})")
+    return value
+
+
 class StorageManager:
     """The quota-managed image store shared by the bot, the CLI and cron."""
 
@@ -115,8 +153,7 @@ class StorageManager:
         image_generation_size_mb: float = 1.5,
         daily_reset_timezone: str = "UTC",
     ):
-        if isinstance(cleanup_days, bool) or not isinstance(cleanup_days, (int, float)) or cleanup_days <= 0:
-            raise InvalidInput(f"cleanup_days must be a number greater than 0, got {cleanup_days!r}")
+        _check_days("cleanup_days", cleanup_days, minimum=1 / 86400)
         self.root = Path(os.path.abspath(storage_root))
         self.cleanup_days = cleanup_days
         self.limits = Limits.from_mb(
@@ -220,9 +257,9 @@ class StorageManager:
                 # and the row is written once, complete.
                 image_id = conn.execute(
                     "SELECT COALESCE(MAX(seq), 0) + 1 FROM sqlite_sequence WHERE name = 'images'").fetchone()[0]
-                name = f"{stem}-{image_id}{ext}"
+                name = fit_name(str(user_path), stem, f"-{image_id}{ext}")
                 while os.path.lexists(user_path / name):  # a stray file from an old ledger: never overwrite it
-                    name = f"{stem}-{image_id}-{os.urandom(3).hex()}{ext}"
+                    name = fit_name(str(user_path), stem, f"-{image_id}-{os.urandom(3).hex()}{ext}")
                 conn.execute(
                     "INSERT INTO images (id, user_id, rel_path, size, format, created_at, meta) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -317,11 +354,12 @@ class StorageManager:
 
     def get_image(self, ref: int | str | os.PathLike) -> StoredImage:
         """Find an image by ledger id or by path (absolute, or relative to the root)."""
+        image_id = parse_image_id(ref)
         with self.ledger.read() as conn:
             row = None
-            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-                row = conn.execute(f"SELECT {self._COLUMNS} FROM images WHERE id = ?", (int(ref),)).fetchone()
-            if row is None and not isinstance(ref, int):
+            if image_id is not None:
+                row = conn.execute(f"SELECT {self._COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
+            if row is None and image_id is None:
                 rel = self._rel(ref)
                 if rel is not None:
                     row = conn.execute(f"SELECT {self._COLUMNS} FROM images WHERE rel_path = ?", (rel,)).fetchone()
@@ -423,8 +461,7 @@ class StorageManager:
         A dry run returns exactly the list a real run with the same ``now`` deletes.
         """
         days = self.cleanup_days if older_than_days is None else older_than_days
-        if isinstance(days, bool) or not isinstance(days, (int, float)) or days < 0:
-            raise InvalidInput(f"older-than must be 0 or more days, got {days!r}")
+        _check_days("older-than", days, minimum=0)
         now = time.time() if now is None else now
         cutoff = now - days * 86400
         report = CleanupReport(dry_run, datetime.fromtimestamp(cutoff, timezone.utc))
@@ -550,9 +587,11 @@ class StorageManager:
             suspects, foreign, report.files_checked, drift = self._scan()
             temp_files = self._stale_temp_files(now)
 
+            # Decoding is slow: done before the write lock is taken, so saves go on meanwhile.
+            verdicts = {rel: self._verify_file(rel) for rel in suspects}
             with self.ledger.write() as conn:
                 for rel in suspects:
-                    self._confirm_and_fix(conn, rel, report, fix)
+                    self._confirm_and_fix(conn, rel, report, fix, verdicts[rel])
                 for i, user_id, nbytes, *_ in reclaim_abandoned(conn, now) if fix else []:
                     report.problems.append(Problem("stale_reservation", user_id,
                                                    f"reservation {i} of {nbytes} bytes abandoned", fixed=True))
@@ -563,6 +602,7 @@ class StorageManager:
                                                            f"reservation {r[0]} of {r[2]} bytes abandoned"))
                 if drift:  # seen in a consistent snapshot; confirmed (and fixed) under the lock
                     self._check_totals(conn, report, fix)
+                self._over_quota(conn, report)
             with SafeRemover(self.root) as remover:
                 for rel in temp_files:
                     fixed = fix and remover.unlink(rel) in (DELETED, MISSING)
@@ -618,19 +658,45 @@ class StorageManager:
                              if rel[:rel.rindex("/") + 1] not in scanned]
         return suspects, foreign, seen, drift
 
-    def _confirm_and_fix(self, conn, rel: str, report: CheckReport, fix: bool) -> None:
+    def _verify_file(self, rel: str) -> tuple[int, str | None, str] | None:
+        """(size, format or None, why not an image) for a file on disk; None if it is gone
+        or not a plain file. Opened without following a link."""
+        path = self.root / rel
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            try:
+                return size, verify_image(fh, "the file")[0], ""
+            except InvalidInput as exc:
+                return size, None, str(exc)
+            except OSError as exc:
+                return size, None, f"the file cannot be read: {exc.strerror or exc}"
+
+    def _confirm_and_fix(self, conn, rel: str, report: CheckReport, fix: bool,
+                         verdict: tuple[int, str | None, str] | None) -> None:
         row = conn.execute("SELECT id, size FROM images WHERE rel_path = ?", (rel,)).fetchone()
         path = self.root / rel
         try:
             st = os.lstat(path)
             size = st.st_size if not is_link(path) else None
-        except FileNotFoundError:
+        except OSError:
             size = None
+        if size is not None and (verdict is None or verdict[0] != size):
+            report.problems.append(Problem("changed", str(path), "changed while abby checked it; run check again"))
+            return
         if row is not None and size is None:
             problem = Problem("missing_file", str(path), f"image {row[0]} is in the ledger but its file is gone")
             if fix:
                 conn.execute("DELETE FROM images WHERE id = ?", (row[0],))
                 problem.fixed = True
+        elif size is not None and verdict[1] is None:
+            known = f"image {row[0]}'s file was changed: " if row is not None else ""
+            problem = Problem("not_an_image", str(path),
+                              f"{known}{verdict[2]}; not adopted and left alone: move it out of the store")
         elif row is not None and size != row[1]:
             problem = Problem("size_mismatch", str(path), f"ledger says {row[1]} bytes, the file has {size}")
             if fix:
@@ -640,17 +706,30 @@ class StorageManager:
             user_dir = rel.split("/")[2]
             problem = Problem("orphan_file", str(path), f"{size} bytes the ledger does not know")
             if fix:
-                with open(path, "rb") as fh:
-                    fmt = sniff_format(fh.read(16))
                 conn.execute(
                     "INSERT INTO images (user_id, rel_path, size, format, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (decode_user_dir(user_dir), rel, size, fmt, st.st_mtime),
+                    (decode_user_dir(user_dir), rel, size, verdict[1], st.st_mtime),
                 )
                 problem.detail += "; adopted into its user's usage"
                 problem.fixed = True
         else:
             return  # consistent after all: a save or delete finished between scan and lock
         report.problems.append(problem)
+
+    def _over_quota(self, conn, report: CheckReport) -> None:
+        """Users (and the store) above their cap: adopted files, or caps lowered since.
+        Nothing is deleted for them; the admin decides."""
+        lim = self.limits
+        for user_id, used in conn.execute("SELECT user_id, bytes FROM usage WHERE bytes > ? ORDER BY user_id",
+                                          (lim.user_bytes,)):
+            used_text, cap = size_pair(used, lim.user_bytes)
+            report.problems.append(Problem("over_quota", user_id, f"user {user_id!r} uses {used_text}, over the "
+                                           f"per-user cap of {cap}; delete images or raise max_user_storage_mb"))
+        used = conn.execute("SELECT bytes FROM totals").fetchone()[0]
+        if used > lim.global_bytes:
+            used_text, cap = size_pair(used, lim.global_bytes)
+            report.problems.append(Problem("over_quota", str(self.root), f"the store holds {used_text}, over the "
+                                           f"global cap of {cap}; delete images or raise max_global_storage_mb"))
 
     @staticmethod
     def _totals_drift(conn) -> tuple[list[str] | bool, tuple, dict, dict]:

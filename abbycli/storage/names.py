@@ -28,8 +28,13 @@ from pathlib import Path
 from ..errors import InvalidInput
 
 MAX_USER_ID_CHARS = 128
-MAX_USER_DIR_CHARS = 200  # well under the 255-byte file name limit of NTFS/ext4/APFS
+# A stored path is <root>\images\users\<folder>\<stem>-<id>.<ext>, and a default
+# Windows refuses paths over 259 characters. With folders of at most 120
+# characters, a root of up to ~100 characters always leaves room for a name.
+MAX_USER_DIR_CHARS = 120
 MAX_STEM_BYTES = 100
+WINDOWS_MAX_PATH = 259  # MAX_PATH (260) less the terminating NUL, in UTF-16 units
+NAME_MAX_BYTES = 255  # one path component, on NTFS, ext4 and APFS alike
 
 _KEEP = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 _WINDOWS_RESERVED = frozenset(
@@ -41,6 +46,11 @@ _WINDOWS_RESERVED = frozenset(
 
 def _is_control(ch: str) -> bool:
     return unicodedata.category(ch) == "Cc"
+
+
+# Characters that render as nothing: 'adm\u200bin' would show as 'admin' in every
+# listing while being another user. Format (Cf), line/paragraph separators, lone surrogates.
+_INVISIBLE = frozenset(["Cf", "Zl", "Zp", "Cs"])
 
 
 def validate_user_id(user_id: object) -> str:
@@ -57,6 +67,10 @@ def validate_user_id(user_id: object) -> str:
         raise InvalidInput("user id has leading or trailing spaces")
     if any(_is_control(ch) for ch in user_id):
         raise InvalidInput("user id contains control characters")
+    if any(unicodedata.category(ch) in _INVISIBLE for ch in user_id):
+        raise InvalidInput("user id contains invisible characters (such as a zero-width space)")
+    # NFC: 'é' typed as one character or as 'e' + accent is one user, not two.
+    user_id = unicodedata.normalize("NFC", user_id)
     if "/" in user_id or "\\" in user_id:
         raise InvalidInput(f"user id {user_id!r} contains a path separator")
     return user_id
@@ -133,6 +147,27 @@ def clean_stem(image_name: object) -> str:
     encoded = stem.encode("utf-8")[:MAX_STEM_BYTES]
     stem = encoded.decode("utf-8", errors="ignore").rstrip(" ._-")
     return stem or "image"
+
+
+def _path_units(text: str) -> int:
+    """Length as Windows counts it (UTF-16 code units)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def fit_name(folder: str, stem: str, suffix: str, windows: bool = os.name == "nt") -> str:
+    """``<stem><suffix>`` for a file in ``folder``, with the stem shortened so that the
+    whole path stays within Windows' 259 characters (where ``windows``) and the name
+    within 255 bytes. The suffix ('-<id>.png') is what makes the name unique and is
+    always kept; raises InvalidInput if even the bare suffix does not fit."""
+    room = NAME_MAX_BYTES
+    if windows:
+        room = min(room, WINDOWS_MAX_PATH - _path_units(folder) - 1)
+    if _path_units(suffix) > room:
+        raise InvalidInput(f"the storage folder {folder} is too long for Windows' 260-character path limit; "
+                           "choose a shorter storage.root")
+    while stem and (_path_units(stem + suffix) > room or len((stem + suffix).encode("utf-8")) > NAME_MAX_BYTES):
+        stem = stem[:-1].rstrip(" ._-")
+    return (stem or "image"[:max(0, room - _path_units(suffix))]) + suffix
 
 
 def path_under(root: Path, *parts: str) -> Path:

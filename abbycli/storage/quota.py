@@ -7,6 +7,7 @@ quota commit together. A check outside that transaction would be no quota.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import time
@@ -20,6 +21,10 @@ from .names import validate_user_id
 
 MIB = 1024 * 1024
 WARNING_PERCENT = 80.0
+# Bounds of the size settings, in MiB: 1 KiB to 16 TiB; and of the daily allowance.
+MIN_MB = 1 / 1024
+MAX_MB = 16 * 1024 * 1024
+MAX_DAILY_GENS = 1_000_000
 
 
 def mib(nbytes: int) -> float:
@@ -64,17 +69,28 @@ class Limits:
     @classmethod
     def from_mb(cls, global_mb: float, user_mb: float, daily_gens: int,
                 generation_mb: float = 1.5, timezone: str = "UTC") -> "Limits":
+        """Limits from the config's MiB values, refusing any that could not work
+        (a cap of zero bytes, one beyond what the disk could hold, a generation
+        that could never fit under the per-user cap)."""
         for name, value in [("max_global_storage_mb", global_mb), ("max_user_storage_mb", user_mb),
-                            ("max_user_daily_gens", daily_gens), ("image_generation_size_mb", generation_mb)]:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise InvalidInput(f"{name} must be a number greater than 0, got {value!r}")
+                            ("image_generation_size_mb", generation_mb)]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidInput(f"{name} must be a number, got {value!r}")
+            if not MIN_MB <= value <= MAX_MB:
+                raise InvalidInput(f"{name} must be between {MIN_MB} and {MAX_MB:,} MiB, got {value!r}")
+        if isinstance(daily_gens, bool) or not isinstance(daily_gens, int) or not 1 <= daily_gens <= MAX_DAILY_GENS:
+            raise InvalidInput(f"max_user_daily_gens must be a whole number from 1 to {MAX_DAILY_GENS:,}, "
+                               f"got {daily_gens!r}")
         if user_mb > global_mb:
             raise InvalidInput(f"max_user_storage_mb ({user_mb}) is above max_global_storage_mb ({global_mb})")
+        if generation_mb > user_mb:
+            raise InvalidInput(f"image_generation_size_mb ({generation_mb}) is above max_user_storage_mb "
+                               f"({user_mb}): no generation could ever fit")
         try:
             ZoneInfo(timezone)
         except Exception:
             raise InvalidInput(f"unknown time zone {timezone!r}") from None
-        return cls(int(global_mb * MIB), int(user_mb * MIB), int(daily_gens), int(generation_mb * MIB), timezone)
+        return cls(int(global_mb * MIB), int(user_mb * MIB), daily_gens, int(generation_mb * MIB), timezone)
 
 
 @dataclass(frozen=True)
