@@ -16,15 +16,17 @@ without its file.
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from ..errors import Busy, StorageError
+from ..errors import Busy, ReadOnlyStore, StorageError
 
-SCHEMA_VERSION = 2  # 2: history table (created in place: the schema script is idempotent)
+SCHEMA_VERSION = 3  # 2: history table; 3: state table (created in place: the schema script is idempotent)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -85,6 +87,10 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_by_time ON history(at);
 CREATE INDEX IF NOT EXISTS history_by_user ON history(user_id, at);
 
+-- Flags about the ledger itself; 'rebuild' is set when a new ledger was created
+-- next to existing images (the old one was lost) and cleared once it is rebuilt.
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
+
 CREATE TABLE IF NOT EXISTS daily (
     user_id TEXT NOT NULL,
     day     TEXT NOT NULL,
@@ -122,31 +128,98 @@ END;
 """
 
 
-def _convert(exc: sqlite3.Error, path: Path) -> StorageError:
-    text = str(exc)
-    if "locked" in text or "busy" in text:
+# SQLite's primary result codes (the low byte of sqlite_errorcode).
+_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
+
+
+def convert_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    """One line for a SQLite error, chosen by its result code (not its text)."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (_BUSY, _LOCKED):
         return Busy(f"the ledger {path} stayed locked by another process; try again")
-    if "full" in text:
+    if code == _FULL:
         return StorageError(f"the disk holding {path} is full")
-    return StorageError(f"ledger {path}: {text}")
+    if code == _READONLY:
+        return ReadOnlyStore(f"the ledger {path} is read-only for this user; run this as the store's owner")
+    if code in (_CORRUPT, _NOTADB):
+        return StorageError(f"the ledger {path} is damaged ({exc}); move it aside and run `abby check --fix`, "
+                            "which rebuilds it from the images")
+    if code == _CANTOPEN:
+        return StorageError(f"cannot open the ledger {path}")
+    if code == _IOERR:
+        return StorageError(f"I/O error on the ledger {path}")
+    return StorageError(f"ledger {path}: {exc}")
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never writes, for stores this user may only read.
+
+    A WAL database normally needs its -shm file, which a reader without write
+    access cannot create; when no writer is active (no -wal file) the database
+    is opened as immutable instead, which needs nothing but the file.
+    """
+    uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if path.with_name(path.name + "-wal").exists():
+            raise
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
 
 class Ledger:
     """One connection per process, shared by threads under a lock.
 
     The connection is opened lazily so that building a StorageManager costs
-    nothing until it is used.
+    nothing until it is used. Where this user cannot write the store, the
+    ledger is opened read-only: reads work, ``write()`` raises ReadOnlyStore.
+
+    ``disk_has_images`` and ``rebuild`` come from the storage manager: when a
+    ledger is created while image files exist, the old ledger was lost, and
+    every process that opens it calls ``rebuild`` before using it, so no quota
+    is ever served from an empty ledger.
     """
 
-    def __init__(self, state_dir: Path, busy_timeout: float = 60.0):
+    def __init__(self, state_dir: Path, busy_timeout: float = 60.0, *,
+                 disk_has_images: Callable[[], bool] | None = None, rebuild: Callable[[], None] | None = None):
         self.path = state_dir / "ledger.sqlite3"
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
+        self._disk_has_images = disk_has_images
+        self._rebuild = rebuild
+        self.read_only = False
+
+    def _writable(self) -> bool:
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                return False
+            raise
+        return os.access(folder, os.W_OK) and (not self.path.exists() or os.access(self.path, os.W_OK))
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._writable():
+                if not self.path.exists():
+                    raise ReadOnlyStore(f"the store {self.path.parent.parent} has no ledger yet, and this user "
+                                        "cannot create one; run abby once as the store's owner")
+                conn = connect_read_only(self.path)
+                if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    raise ReadOnlyStore(f"the ledger {self.path} needs an upgrade, and this user cannot write it; "
+                                        "run abby once as the store's owner")
+                self.read_only = True
+                return conn
+            # A ledger file that is missing or empty while images exist means the
+            # ledger was lost; _initialise notes that under its lock.
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -159,15 +232,43 @@ class Ledger:
             conn.execute("PRAGMA temp_store=MEMORY")
             if (conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
                     or conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION):
-                self._initialise(conn)
+                self._initialise(conn, fresh)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StorageError(f"ledger {self.path} was written by a newer abby (schema {version}); upgrade abby")
         except sqlite3.Error as exc:
-            raise _convert(exc, self.path) from exc
+            raise convert_error(exc, self.path) from exc
         except OSError as exc:
             raise StorageError(f"cannot open the ledger {self.path}: {exc.strerror or exc}") from exc
         return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection; on first use, rebuild a lost ledger before anything reads it."""
+        if self._conn is None:
+            conn = self._connect()
+            self._conn = conn
+            try:
+                if self.needs_rebuild():
+                    if self.read_only or self._rebuild is None:
+                        raise StorageError(f"the ledger {self.path} was lost and must be rebuilt from the images: "
+                                           "run `abby check --fix` as the store's owner")
+                    self._rebuild()
+            except BaseException:
+                self._conn = None
+                conn.close()
+                raise
+        return self._conn
+
+    def needs_rebuild(self) -> bool:
+        try:
+            return self._conn.execute("SELECT 1 FROM state WHERE key = 'rebuild'").fetchone() is not None
+        except sqlite3.Error as exc:
+            raise convert_error(exc, self.path) from exc
+
+    def open(self) -> None:
+        """Connect now (and rebuild a lost ledger now) rather than on first use."""
+        with self._lock:
+            self._connection()
 
     @staticmethod
     def delete_many(conn: sqlite3.Connection, where: str, args: list, limit: int) -> list[tuple]:
@@ -208,7 +309,7 @@ class Ledger:
             rows,
         )
 
-    def _initialise(self, conn: sqlite3.Connection) -> None:
+    def _initialise(self, conn: sqlite3.Connection, fresh: bool) -> None:
         """Switch to WAL and create the schema, one process at a time.
 
         Several processes may open a new root at the same moment, and SQLite
@@ -219,27 +320,32 @@ class Ledger:
 
         with FileLock(self.path.with_name("ledger.init.lock"), timeout=self._busy_timeout):
             conn.execute("PRAGMA journal_mode=WAL")
-            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                lost = fresh and version == 0 and self._disk_has_images is not None and self._disk_has_images()
+                flag = "INSERT OR REPLACE INTO state VALUES ('rebuild', 'ledger lost');" if lost else ""
                 # IF NOT EXISTS throughout, so a half-made schema is completed safely.
-                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+                conn.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} {flag} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the database's write lock from the start."""
         with self._lock:
-            if self._conn is None:
-                self._conn = self._connect()
-            conn = self._conn
+            conn = self._connection()
+            if self.read_only:
+                raise ReadOnlyStore(f"the store {self.path.parent.parent} is read-only for this user; "
+                                    "this needs write access: run it as the store's owner")
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise _convert(exc, self.path) from exc
+                raise convert_error(exc, self.path) from exc
             try:
                 yield conn
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback(conn)
-                raise _convert(exc, self.path) from exc
+                raise convert_error(exc, self.path) from exc
             except BaseException:
                 self._rollback(conn)
                 raise
@@ -254,9 +360,7 @@ class Ledger:
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: one consistent snapshot, never blocks writers."""
         with self._lock:
-            if self._conn is None:
-                self._conn = self._connect()
-            conn = self._conn
+            conn = self._connection()
             try:
                 conn.execute("BEGIN")
                 try:
@@ -264,7 +368,7 @@ class Ledger:
                 finally:
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise _convert(exc, self.path) from exc
+                raise convert_error(exc, self.path) from exc
 
     def close(self) -> None:
         with self._lock:

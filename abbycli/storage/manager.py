@@ -17,19 +17,24 @@ Deleting goes the other way: remove the row, commit, then unlink.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
+import sqlite3
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from ..errors import AbbyError, Busy, FileInUse, InvalidInput, NotFound, StorageError, UserQuotaExceeded
+from ..errors import (AbbyError, Busy, FileInUse, InvalidInput, NotFound, ReadOnlyStore, StorageError,
+                      UserQuotaExceeded)
 from .formats import EXTENSIONS, sniff_format, verify_image
-from .ledger import Ledger
+from .ledger import Ledger, connect_read_only, convert_error
 from .names import clean_stem, decode_user_dir, encode_user_id, fit_name, path_under, validate_user_id
 from .liveness import abandoned
 from .quota import (Limits, QuotaManager, Reservation, human_size, mib, reclaim_abandoned, size_pair,
@@ -117,6 +122,7 @@ def _check_days(name: str, days: object, minimum: float) -> None:
 
 
 _MAX_ID = 2**63 - 1  # SQLite's INTEGER range
+_NAME_ID = re.compile(r"-([0-9]{1,19})(?:-[0-9a-f]{6})?\.(?:png|jpg|webp)$")
 
 
 def parse_image_id(ref: object) -> int | None:
@@ -160,7 +166,9 @@ class StorageManager:
             max_global_storage_mb, max_user_storage_mb, max_user_daily_gens,
             image_generation_size_mb, daily_reset_timezone,
         )
-        self.ledger = Ledger(self.root / ".abby")
+        self.ledger = Ledger(self.root / ".abby", disk_has_images=self._disk_has_images,
+                             rebuild=self._rebuild_lost_ledger)
+        self._lock = None  # the maintenance FileLock, made on first use
         self.quota = QuotaManager(self.ledger, self.limits)
         self._ready = False
 
@@ -309,7 +317,10 @@ class StorageManager:
                 os.close(fd)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            reason = "the disk is full" if exc.errno == 28 else (exc.strerror or str(exc))
+            if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+                raise ReadOnlyStore(f"the store {self.root} is read-only for this user; "
+                                    "saving needs write access") from exc
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             raise StorageError(f"cannot write to {temp.parent}: {reason}") from exc
         return temp
 
@@ -406,26 +417,38 @@ class StorageManager:
         raise StorageError(f"cannot delete {image.path}; image {image.id} was kept")
 
     # --- cleanup --------------------------------------------------------------------
-    def _maintenance_lock(self, timeout: float):
-        from filelock import FileLock, Timeout
+    @contextmanager
+    def _maintenance_lock(self, timeout: float, writes: bool = True) -> Iterator[None]:
+        """One cleanup, check or rebuild at a time per root (re-entrant in this process).
 
+        A run that only reads (a dry run, check without --fix) on a store this user
+        cannot write goes on without the lock: it changes nothing it could race with.
+        """
+        from filelock import Timeout
+
+        state = self.root / ".abby"
+        if state.is_dir() and not os.access(state, os.W_OK):
+            if writes:
+                raise ReadOnlyStore(f"the store {self.root} is read-only for this user; this needs write "
+                                    "access: run it as the store's owner")
+            yield
+            return
         self._prepare()
-        lock = FileLock(self.root / ".abby" / "maintenance.lock", timeout=timeout)
+        if self._lock is None:
+            from filelock import FileLock
 
-        class _Guard:
-            def __enter__(_):
-                try:
-                    lock.acquire()
-                except Timeout:
-                    raise Busy(
-                        f"another abby cleanup or check is running on {self.root}; "
-                        f"waited {timeout:g} s, giving up"
-                    ) from None
-
-            def __exit__(_, *exc):
-                lock.release()
-
-        return _Guard()
+            self._lock = FileLock(self.root / ".abby" / "maintenance.lock")
+        try:
+            self._lock.acquire(timeout=timeout)
+        except Timeout:
+            raise Busy(f"another abby cleanup or check is running on {self.root}; "
+                       f"waited {timeout:g} s, giving up") from None
+        except OSError as exc:
+            raise StorageError(f"cannot take the lock in {self.root / '.abby'}: {exc.strerror or exc}") from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _stale_temp_files(self, now: float) -> list[str]:
         out = []
@@ -469,7 +492,8 @@ class StorageManager:
         if user_id is not None:
             where += " AND user_id = ?"
             args.append(validate_user_id(user_id))
-        with self._maintenance_lock(lock_timeout):
+        with self._maintenance_lock(lock_timeout, writes=not dry_run):
+            self.ledger.open()
             temp_files = self._stale_temp_files(now)
             if dry_run:
                 with self.ledger.read() as conn:
@@ -582,41 +606,86 @@ class StorageManager:
         can be half-done, before it is reported or fixed.
         """
         now = time.time() if now is None else now
-        report = CheckReport(fix)
-        with self._maintenance_lock(lock_timeout):
-            suspects, foreign, report.files_checked, drift = self._scan()
-            temp_files = self._stale_temp_files(now)
+        with self._maintenance_lock(lock_timeout, writes=fix):
+            self.ledger.open()
+            return self._check_locked(fix, now)
 
-            # Decoding is slow: done before the write lock is taken, so saves go on meanwhile.
-            verdicts = {rel: self._verify_file(rel) for rel in suspects}
-            with self.ledger.write() as conn:
-                for rel in suspects:
-                    self._confirm_and_fix(conn, rel, report, fix, verdicts[rel])
-                for i, user_id, nbytes, *_ in reclaim_abandoned(conn, now) if fix else []:
-                    report.problems.append(Problem("stale_reservation", user_id,
-                                                   f"reservation {i} of {nbytes} bytes abandoned", fixed=True))
-                if not fix:
-                    for r in conn.execute("SELECT id, user_id, bytes, pid, host, created_at FROM reservations"):
-                        if abandoned(r[3], r[4], r[5], now):
-                            report.problems.append(Problem("stale_reservation", r[1],
-                                                           f"reservation {r[0]} of {r[2]} bytes abandoned"))
-                if drift:  # seen in a consistent snapshot; confirmed (and fixed) under the lock
-                    self._check_totals(conn, report, fix)
-                self._over_quota(conn, report)
-            with SafeRemover(self.root) as remover:
-                for rel in temp_files:
-                    fixed = fix and remover.unlink(rel) in (DELETED, MISSING)
-                    report.problems.append(Problem("temp_leftover", self._abs(rel), "abandoned partial write",
-                                                   fixed=fixed))
-            for path, why in foreign:
-                report.problems.append(Problem("foreign", path, why))
-            remote = network_filesystem(self.root)
-            if remote:
-                report.problems.append(Problem(
-                    "network_share", str(self.root),
-                    f"the root is on a network filesystem ({remote}); SQLite's locking cannot keep "
-                    "processes on different machines within the limits: use a local disk"))
+    def _check_locked(self, fix: bool, now: float) -> CheckReport:
+        report = CheckReport(fix)
+        try:
+            suspects, foreign, report.files_checked, drift = self._scan()
+        except sqlite3.Error as exc:  # from the scan's own read-only connections
+            raise convert_error(exc, self.ledger.path) from exc
+        temp_files = self._stale_temp_files(now)
+
+        # Decoding is slow: done before the write lock is taken, so saves go on meanwhile.
+        verdicts = {rel: self._verify_file(rel) for rel in suspects}
+        with (self.ledger.write() if fix else self.ledger.read()) as conn:
+            for rel in suspects:
+                self._confirm_and_fix(conn, rel, report, fix, verdicts[rel])
+            for i, user_id, nbytes, *_ in reclaim_abandoned(conn, now) if fix else []:
+                report.problems.append(Problem("stale_reservation", user_id,
+                                               f"reservation {i} of {nbytes} bytes abandoned", fixed=True))
+            if not fix:
+                for r in conn.execute("SELECT id, user_id, bytes, pid, host, created_at FROM reservations"):
+                    if abandoned(r[3], r[4], r[5], now):
+                        report.problems.append(Problem("stale_reservation", r[1],
+                                                       f"reservation {r[0]} of {r[2]} bytes abandoned"))
+            if drift:  # seen in a consistent snapshot; confirmed (and fixed) under the lock
+                self._check_totals(conn, report, fix)
+            self._over_quota(conn, report)
+        with SafeRemover(self.root) as remover:
+            for rel in temp_files:
+                fixed = fix and remover.unlink(rel) in (DELETED, MISSING)
+                report.problems.append(Problem("temp_leftover", self._abs(rel), "abandoned partial write",
+                                               fixed=fixed))
+        for path, why in foreign:
+            report.problems.append(Problem("foreign", path, why))
+        remote = network_filesystem(self.root)
+        if remote:
+            report.problems.append(Problem(
+                "network_share", str(self.root),
+                f"the root is on a network filesystem ({remote}); SQLite's locking cannot keep "
+                "processes on different machines within the limits: use a local disk"))
         return report
+
+    def _disk_has_images(self) -> bool:
+        """Whether any user folder holds a file (stops at the first one)."""
+        for user in _scandir(self.root / USERS_DIR):
+            if user.is_dir(follow_symlinks=False):
+                for entry in _scandir(user.path):
+                    if entry.is_file(follow_symlinks=False):
+                        return True
+        return False
+
+    def _rebuild_lost_ledger(self) -> None:
+        """A new ledger was made next to existing images: the old one was lost.
+        Adopt every image again (as ``check --fix`` would) before anything is served,
+        so that no limit is ever reset by the loss.
+
+        The daily counters are gone with the old ledger; they are rebuilt from the
+        images created today, which counts imports as generations too: a user may
+        be refused early today, never allowed more than the limit.
+        """
+        import logging
+
+        log = logging.getLogger("abby.storage")
+        with self._maintenance_lock(LOCK_TIMEOUT_SECONDS):
+            if not self.ledger.needs_rebuild():
+                return  # another process rebuilt it while this one waited
+            log.warning("the ledger %s was missing or empty while images exist; rebuilding it from the disk",
+                        self.ledger.path)
+            report = self._check_locked(fix=True, now=time.time())
+            with self.ledger.write() as conn:
+                conn.execute(
+                    "INSERT INTO daily (user_id, day, used) SELECT user_id, ?, COUNT(*) FROM images "
+                    "WHERE created_at >= ? GROUP BY user_id "
+                    "ON CONFLICT (user_id, day) DO UPDATE SET used = MAX(used, excluded.used)",
+                    (self.quota.today(), self.quota.day_start().timestamp()))
+                conn.execute("DELETE FROM state WHERE key = 'rebuild'")
+            adopted = sum(p.kind == "orphan_file" and p.fixed for p in report.problems)
+            log.warning("ledger rebuilt: %d image(s) adopted, %d problem(s) left for `abby check`",
+                        adopted, len(report.remaining))
 
     def _scan(self) -> tuple[list[str], list[tuple[str, str]], int]:
         """Compare every file under images/users/ with the ledger.
@@ -706,9 +775,15 @@ class StorageManager:
             user_dir = rel.split("/")[2]
             problem = Problem("orphan_file", str(path), f"{size} bytes the ledger does not know")
             if fix:
+                # Names end in '-<id>': keep that id where it is free, so a rebuilt
+                # ledger shows the ids users and logs already know.
+                named = _NAME_ID.search(rel)
+                image_id = int(named.group(1)) if named and int(named.group(1)) <= _MAX_ID else None
+                if image_id is not None and conn.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone():
+                    image_id = None
                 conn.execute(
-                    "INSERT INTO images (user_id, rel_path, size, format, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (decode_user_dir(user_dir), rel, size, verdict[1], st.st_mtime),
+                    "INSERT INTO images (id, user_id, rel_path, size, format, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (image_id, decode_user_dir(user_dir), rel, size, verdict[1], st.st_mtime),
                 )
                 problem.detail += "; adopted into its user's usage"
                 problem.fixed = True
@@ -771,13 +846,11 @@ def _scan_users(ledger: str, base: str, names: list[str]) -> tuple[list[str], li
     entries abby never makes, the files seen and the rows examined. Opens its own
     read-only connection, so it can run in a forked worker.
     """
-    import sqlite3
-
     found: list[str] = []
     odd: list[tuple[str, str]] = []
     seen = examined = 0
     use_fd = os.stat in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW")
-    conn = sqlite3.connect(Path(ledger).as_uri() + "?mode=ro", uri=True)
+    conn = connect_read_only(Path(ledger))
     try:
         conn.execute("PRAGMA mmap_size=268435456")
         for name in names:

@@ -142,6 +142,11 @@ class QuotaManager:
     def today(self, now: float | None = None) -> str:
         return datetime.fromtimestamp(time.time() if now is None else now, self._tz).date().isoformat()
 
+    def day_start(self, now: float | None = None) -> datetime:
+        """Midnight that began today in the configured time zone."""
+        local = datetime.fromtimestamp(time.time() if now is None else now, self._tz)
+        return datetime.combine(local.date(), datetime.min.time(), self._tz)
+
     def next_reset(self, now: float | None = None) -> datetime:
         local = datetime.fromtimestamp(time.time() if now is None else now, self._tz)
         midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), self._tz)
