@@ -272,4 +272,4 @@ def test_the_command_keeps_a_venv_interpreter(monkeypatch, tmp_path):
         pytest.skip("this system cannot make symlinks (Windows without developer mode)")
     monkeypatch.setattr("sys.argv", ["-c"])
     monkeypatch.setattr("sys.executable", str(venv_python))
-    assert schedule.abby_command(None)[:3] == [str(venv_python), "-m", "abbycli"]
+    assert schedule.abby_command(None, None)[:3] == [str(venv_python), "-m", "abbycli"]
