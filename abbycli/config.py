@@ -37,19 +37,38 @@ def _number(value: Any) -> float:
     return value
 
 
-def _positive_number(value: Any) -> float:
-    value = _number(value)
-    if value <= 0:
-        raise ValueError(f"must be greater than 0, got {value!r}")
-    return value
+def _plain(x: float) -> str:
+    """16777216, not 1.67772e+07: bounds are read by people."""
+    return str(int(x)) if float(x).is_integer() else repr(x)
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be a whole number, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"must be greater than 0, got {value!r}")
-    return value
+class Bounded:
+    """A number checker with inclusive bounds.
+
+    Every numeric key has both: a value that passes must also be safe to compute
+    with (1e-9 MiB rounds to 0 bytes and divides by zero, 1e300 days overflows a
+    date), so the bounds are part of the key's documentation and its errors.
+    """
+
+    def __init__(self, low: float, high: float, unit: str = "", whole: bool = False):
+        self.low, self.high, self.unit, self.whole = low, high, unit, whole
+
+    @property
+    def text(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{'whole number ' if self.whole else ''}from {_plain(self.low)} to {_plain(self.high)}{unit}"
+
+    def __call__(self, value: Any) -> float:
+        if self.whole and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        value = _number(value)
+        if not self.low <= value <= self.high:
+            raise ValueError(f"must be {self.text}, got {value!r}")
+        return value
+
+
+MAX_MIB = 16 * 1024 * 1024  # 16 TiB: far beyond any one store, and exact in a 64-bit byte count
+_SIZE = Bounded(0.001, MAX_MIB, "MiB (16 TiB)")  # 0.001 MiB is 1048 bytes, never 0
 
 
 def _string(value: Any) -> str:
@@ -112,6 +131,12 @@ def _upscale_mode(value: Any) -> str:
     return value
 
 
+def _api_key(value: Any) -> str:
+    from .secrets import clean_api_key
+
+    return clean_api_key(value)  # its messages never contain the key
+
+
 def _provider(value: Any) -> str:
     value = _non_empty(value)
     if value != "stability":
@@ -144,7 +169,7 @@ class Key:
         try:
             raw = self.from_text(text.strip())
         except ValueError:
-            raise ValueError(f"must be a number, got {text!r}") from None
+            raise ValueError(f"must be a number, got {text.strip()!r}") from None
         return self.check(raw)
 
 
@@ -161,25 +186,26 @@ KEYS: dict[str, Key] = {
         Key("storage.root", _non_empty, None,
             "Folder holding images/, temp/ and the .abby/ ledger. A relative path is relative\n"
             "to this file's folder. Default: <user data dir>/shared.", env="STORAGE_ROOT"),
-        Key("storage.max_global_storage_mb", _positive_number, 5000,
+        Key("storage.max_global_storage_mb", _SIZE, 5000,
             "Cap on all stored images together, in MiB.", env="MAX_GLOBAL_STORAGE_MB", from_text=_num_text),
-        Key("storage.max_user_storage_mb", _positive_number, 500,
+        Key("storage.max_user_storage_mb", _SIZE, 500,
             "Cap on one user's stored images, in MiB. Must not exceed the global cap.",
             env="MAX_USER_STORAGE_MB", from_text=_num_text),
-        Key("storage.max_user_daily_gens", _positive_int, 5,
-            "Paid generations one user may start per day.", env="MAX_USER_DAILY_GENS", from_text=int),
-        Key("storage.cleanup_days", _positive_number, 7,
+        Key("storage.max_user_daily_gens", Bounded(1, 1_000_000, whole=True), 5,
+            "Paid generations one user may start per day.", env="MAX_USER_DAILY_GENS", from_text=_num_text),
+        Key("storage.cleanup_days", Bounded(0.001, 36_500, "days (100 years)"), 7,
             "`abby cleanup` deletes images created more than this many days ago.",
             env="STORAGE_CLEANUP_DAYS", from_text=_num_text),
-        Key("storage.image_generation_size_mb", _positive_number, 1.5,
-            "Room (MiB) a generation reserves before its image exists.", env="IMAGE_GEN_SIZE_MB",
+        Key("storage.image_generation_size_mb", _SIZE, 1.5,
+            "Room (MiB) a generation reserves before its image exists. Must not exceed the per-user\n"
+            "cap, or no generation could ever start.", env="IMAGE_GEN_SIZE_MB",
             from_text=_num_text),
         Key("storage.daily_reset_timezone", _timezone, "UTC",
             "IANA time zone whose midnight starts a new daily allowance."),
         Key("generation.provider", _provider, "stability", "Image provider. Only 'stability' for now."),
         Key("generation.api_host", _url, "https://api.stability.ai", "Base URL of the provider's API.",
             env="STABILITY_API_HOST"),
-        Key("generation.api_key", _non_empty, None,
+        Key("generation.api_key", _api_key, None,
             "API key. Prefer the STABILITY_API_KEY environment variable; if you set it here,\n"
             "keep this file private (abby writes it with mode 0600).", env="STABILITY_API_KEY", secret=True),
         Key("generation.model", _model, "core",
@@ -189,9 +215,11 @@ KEYS: dict[str, Key] = {
         Key("generation.upscale_mode", _upscale_mode, None,
             "Default upscale mode: fast, conservative, creative, esrgan or local.\n"
             "Default: fast when an API key is set, local (offline, free) when not."),
-        Key("generation.upscale_timeout", _positive_number, 600,
-            "Seconds to wait for a creative upscale to finish.", from_text=_num_text),
-        Key("generation.max_megapixels", _positive_number, 40,
+        Key("generation.upscale_timeout", Bounded(1, 1800, "seconds"), 600,
+            "Seconds to wait for a creative upscale to finish. At most 30 minutes: the storage\n"
+            "reservation a request holds is reclaimed as abandoned after an hour, so a request\n"
+            "must always end well before that.", from_text=_num_text),
+        Key("generation.max_megapixels", Bounded(0.01, 150, "megapixels"), 40,
             "Largest image, in megapixels (million pixels), that abby reads as an input or makes\n"
             "locally; larger ones are refused before any memory is spent on them.", from_text=_num_text),
         Key("cli.default_user", _user_id, None,
@@ -326,6 +354,8 @@ def check_document(doc: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate a parsed config file; return {dotted key: clean value}."""
     values: dict[str, Any] = {}
     for section, table in doc.items():
+        if section not in SECTIONS and not isinstance(table, dict):
+            raise ConfigError(f"{where}: {_outside_section(section)}")
         if section not in SECTIONS:
             raise ConfigError(f"{where}: unknown section [{section}]{_suggest(section, list(SECTIONS))}")
         if not isinstance(table, dict):
@@ -339,6 +369,16 @@ def check_document(doc: dict[str, Any], where: str) -> dict[str, Any]:
             except ValueError as exc:
                 raise ConfigError(f"{where}: {name}: {exc}") from None
     return values
+
+
+def _outside_section(name: str) -> str:
+    """What to say about ``name = ...`` written above every [section] header."""
+    owners = [k for k in KEYS.values() if k.short == name]
+    if owners:
+        return (f"'{name}' is a key outside any section; write it under its section: "
+                f"[{owners[0].section}] {name} = ...")
+    return (f"'{name}' is a key outside any section; every key belongs under one of "
+            + ", ".join(f"[{s}]" for s in SECTIONS))
 
 
 def load_settings(
@@ -377,13 +417,14 @@ def load_settings(
             raise ConfigError(f"option for {name}: {exc}") from None
         sources[name] = "flag"
 
-    conflict = _caps_conflict(values)
+    conflict = _size_conflict(values)
     if conflict:
-        user_mb, global_mb = conflict
-        raise ConfigError(
-            f"{_origin('storage.max_user_storage_mb', sources, path)}: storage.max_user_storage_mb ({user_mb}) "
-            f"is above storage.max_global_storage_mb ({global_mb}, from {sources['storage.max_global_storage_mb']})"
-        )
+        small, large = conflict
+        where = {_origin(small, sources, path), _origin(large, sources, path)}
+        if len(where) == 1:  # both sides from one place: name it once
+            raise ConfigError(f"{where.pop()}: {small} ({values[small]}) is above {large} ({values[large]})")
+        raise ConfigError(f"{small} ({values[small]}, from {_origin(small, sources, path)}) is above "
+                          f"{large} ({values[large]}, from {_origin(large, sources, path)})")
 
     def resolve(name: str, default: Callable[[], Path]) -> Path:
         """A path setting: relative to the config file's folder if it came from the file,
@@ -413,20 +454,30 @@ def load_settings(
     )
 
 
-def _caps_conflict(values: Mapping[str, Any]) -> tuple[float, float] | None:
-    """(per-user cap, global cap) when the per-user one is larger; unset keys count as their defaults."""
-    user_mb = values.get("storage.max_user_storage_mb", KEYS["storage.max_user_storage_mb"].default)
-    global_mb = values.get("storage.max_global_storage_mb", KEYS["storage.max_global_storage_mb"].default)
-    return (user_mb, global_mb) if user_mb > global_mb else None
+# (smaller, larger): sizes that only make sense in this order. A per-user cap above the
+# global one is never reached; a reservation above the per-user cap can never be made.
+SIZE_ORDER = [("storage.max_user_storage_mb", "storage.max_global_storage_mb"),
+              ("storage.image_generation_size_mb", "storage.max_user_storage_mb")]
+
+
+def _size_conflict(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first (smaller, larger) pair out of order; unset keys count as their defaults."""
+    def get(name: str) -> float:
+        return values.get(name, KEYS[name].default)
+
+    return next(((a, b) for a, b in SIZE_ORDER if get(a) > get(b)), None)
 
 
 def _origin(name: str, sources: Mapping[str, str], path: Path | None) -> str:
+    """Where a value came from, in words a user can act on."""
     source = sources[name]
     if source == "file":
         return str(path)
     if source == "env":
         return f"environment variable {KEYS[name].env}"
-    return source
+    if source == "flag":
+        return "the command line"
+    return "the built-in default"
 
 
 def display_value(settings: Settings, name: str) -> Any:
@@ -457,6 +508,8 @@ def render_template(values: Mapping[str, Any] | None = None) -> str:
         lines += ["", f"[{section}]"]
         for key in (k for k in KEYS.values() if k.section == section):
             lines += [f"# {line}" for line in key.doc.splitlines()]
+            if isinstance(key.check, Bounded):
+                lines.append(f"# Allowed: {key.check.text}.")
             if key.env:
                 lines.append(f"# Environment: {key.env}")
             if key.name in values:
@@ -473,20 +526,43 @@ def render_template(values: Mapping[str, Any] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Pauses between attempts to replace a config file another program holds open (Windows
+# refuses with "access denied" while an editor or a virus scanner has it): about 1.5 s in all.
+REPLACE_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` atomically; the file is 0600 on POSIX (it may hold a key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``text`` atomically; the file is 0600 on POSIX (it may hold a key).
+
+    Raises ConfigError (one line) when the file cannot be written; the old file
+    is then unchanged and no temporary file is left behind.
+    """
+    import time
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            for delay in REPLACE_RETRY_DELAYS:
+                try:
+                    os.replace(tmp, path)
+                    return
+                except PermissionError:
+                    time.sleep(delay)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except PermissionError:
+        raise ConfigError(f"cannot write {path}: access denied (if another program has it open, "
+                          "close it and try again)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def set_value(path: Path, name: str, text: str) -> bool:
@@ -505,13 +581,11 @@ def set_value(path: Path, name: str, text: str) -> bool:
     old_text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
     values = check_document(read_toml(path), str(path)) if path.exists() else {}
     values[name] = value
-    conflict = _caps_conflict(values)
+    conflict = _size_conflict(values)
     if conflict:
-        user_mb, global_mb = conflict
-        raise ConfigError(
-            f"{path}: storage.max_user_storage_mb ({user_mb}) would be above "
-            f"storage.max_global_storage_mb ({global_mb})"
-        )
+        small, large = conflict
+        shown = {n: f"{values[n]}" if n in values else f"{KEYS[n].default}, the default" for n in conflict}
+        raise ConfigError(f"{path}: {small} ({shown[small]}) would be above {large} ({shown[large]})")
     new_text = render_template({k: values[k] for k in KEYS if k in values})
     own = {line for line in new_text.splitlines() if line.lstrip().startswith("#")}
     lost = any(line.lstrip().startswith("#") and line not in own and not _is_commented_key(line)

@@ -17,9 +17,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from .errors import AbbyError, InvalidInput
+from .errors import AbbyError, ConfigError, InvalidInput
 
 TASK_NAME = "abby-cleanup"
 CRON_MARK = "# abby-cleanup (managed by `abby schedule`)"
@@ -67,19 +67,72 @@ def parse_time(at: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def abby_command(config: Path | None, root: str | None) -> list[str]:
+def abby_command(config: Path | None, root: str | os.PathLike | None = None,
+                 log_file: str | os.PathLike | None = None, older_than: float | None = None) -> list[str]:
     """The absolute command that runs this abby: its console script if that is what is
     running, else the current interpreter with `-m abbycli`."""
     script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
     if script and script.is_file() and script.stem.lower() == "abby":
         cmd = [str(script)]
     else:
-        cmd = [str(Path(sys.executable).resolve()), "-m", "abbycli"]
+        # absolute but not resolved: a venv's python is a symlink to the base interpreter,
+        # which would run without the venv's packages
+        cmd = [os.path.abspath(sys.executable), "-m", "abbycli"]
     if config is not None:
         cmd += ["--config", str(Path(config).resolve())]
     if root is not None:
         cmd += ["--root", str(Path(root).resolve())]
-    return cmd + ["cleanup", "--quiet"]
+    if log_file is not None:
+        cmd += ["--log-file", str(Path(log_file).resolve())]
+    cmd += ["cleanup", "--quiet"]
+    if older_than is not None:
+        cmd += ["--older-than", repr(older_than)]
+    return cmd
+
+
+# On Linux the default root and log file follow XDG variables, which a scheduler does not pass on.
+_DEFAULT_FOLLOWS = {"storage.root": "XDG_DATA_HOME", "cli.log_file": "XDG_STATE_HOME"}
+
+
+def job_command(settings, environ: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """The cleanup command to schedule, and the settings it leaves out (unused by cleanup).
+
+    A scheduler runs the job without this shell's environment variables or flags,
+    so every setting cleanup uses (root, age, log file) that the job would not find
+    in the config file is carried as a flag. The others are checked instead: if the
+    config would not even load without them, the install is refused (ConfigError),
+    since the job would then fail every night.
+    """
+    from .config import KEYS, load_settings
+
+    environ = os.environ if environ is None else environ
+    sources = settings.sources
+
+    def carried(name: str) -> bool:
+        if sources[name] in ("env", "flag"):
+            return True
+        xdg = _DEFAULT_FOLLOWS.get(name)
+        return (sources[name] == "default" and xdg is not None and bool(environ.get(xdg))
+                and sys.platform not in ("win32", "darwin"))
+
+    root = settings.storage.root if carried("storage.root") else None
+    log_file = settings.cli.log_file if carried("cli.log_file") else None
+    days = settings.storage.cleanup_days if carried("storage.cleanup_days") else None
+    command = abby_command(settings.config_path, root, log_file, days)
+
+    left_out = [name for name, source in sources.items() if source == "env"
+                and name not in ("storage.root", "storage.cleanup_days")]
+    if left_out:
+        try:
+            load_settings(settings.config_path, {"storage.root": root and str(root),
+                                                 "cli.log_file": log_file and str(log_file)}, env={})
+        except ConfigError as exc:
+            names = ", ".join(KEYS[n].env for n in left_out)
+            raise ConfigError(f"the scheduled job would not see {names} (a scheduler does not pass on this "
+                              f"shell's environment) and would fail every night with: {exc}. Put "
+                              f"{'that setting' if len(left_out) == 1 else 'those settings'} in the config "
+                              f"file instead (abby config set)") from None
+    return command, [f"{KEYS[n].env} ({n})" for n in left_out]
 
 
 # --- cron -------------------------------------------------------------------------------------
@@ -109,11 +162,18 @@ def current_crontab(runner: Runner) -> str:
 
 # --- schtasks ------------------------------------------------------------------------------------
 
+SCHTASKS_TR_MAX = 261  # schtasks refuses a longer /TR ("cannot be more than 261 character(s)")
+
+
 def schtasks_create(command: list[str], hour: int, minute: int) -> list[str]:
     # /TR takes one string; list2cmdline quotes paths with spaces the way Windows parses them,
     # and subprocess quotes that string again as a single argument.
+    run = subprocess.list2cmdline(command)
+    if len(run) > SCHTASKS_TR_MAX:
+        raise InvalidInput(f"the command to schedule is {len(run)} characters and schtasks takes at most "
+                           f"{SCHTASKS_TR_MAX}; use shorter paths for abby, its config file or its root")
     return ["schtasks", "/Create", "/SC", "DAILY", "/TN", TASK_NAME, "/ST", f"{hour:02d}:{minute:02d}",
-            "/TR", subprocess.list2cmdline(command), "/F"]
+            "/TR", run, "/F"]
 
 
 # --- systemd -------------------------------------------------------------------------------------
@@ -124,8 +184,9 @@ def systemd_dir() -> Path:
 
 
 def systemd_quote(arg: str) -> str:
-    """Quote one ExecStart argument the way systemd reads it; % starts a specifier."""
-    arg = arg.replace("%", "%%")
+    """Quote one ExecStart argument the way systemd reads it: % starts a specifier and
+    $ an environment variable, even inside quotes, so both are doubled."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
     if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", arg):
         return arg
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -155,6 +216,9 @@ def systemd_units(command: list[str], hour: int, minute: int) -> tuple[str, str]
 
 def install_plan(target: str, command: list[str], at: str, runner: Runner) -> Plan:
     hour, minute = parse_time(at)
+    if any(c in arg for arg in command for c in "\r\n\0"):
+        # every target keeps the command on one line (a crontab line, ExecStart=, /TR)
+        raise InvalidInput("cannot schedule a command whose paths contain a line break or NUL character")
     plan = Plan(target)
     if target == "cron":
         line = cron_line(command, hour, minute)

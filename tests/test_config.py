@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from abbycli.config import KEYS, load_settings, render_template, user_config_path
 from abbycli.errors import ConfigError
@@ -23,7 +25,10 @@ def test_defaults_without_any_file(isolated_dirs):
     assert s.storage.max_user_storage_mb == 500 and s.storage.max_global_storage_mb == 5000
     assert s.storage.max_user_daily_gens == 5 and s.storage.cleanup_days == 7
     assert s.storage.image_generation_size_mb == 1.5 and s.storage.daily_reset_timezone == "UTC"
-    assert s.storage.root == isolated_dirs / "data" / "abby" / "shared"
+    assert s.storage.root == platform_dir("user_data_dir") / "shared"
+    if sys.platform not in ("win32", "darwin"):  # the XDG variables conftest sets are what Linux uses
+        assert s.storage.root == isolated_dirs / "data" / "abby" / "shared"
+    assert s.storage.root.is_relative_to(isolated_dirs)
     assert set(s.sources.values()) == {"default"}
 
 
@@ -38,8 +43,22 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     assert s.storage.image_generation_size_mb == 1.5 and s.sources["storage.image_generation_size_mb"] == "default"
 
 
+def platform_dir(kind: str) -> Path:
+    """Where platformdirs puts abby's folder of this kind on the OS running the tests."""
+    import platformdirs
+
+    return Path(getattr(platformdirs, kind)("abby", appauthor=False))
+
+
 def test_search_order(tmp_path, isolated_dirs):
-    site = write_config(isolated_dirs / "site" / "abby" / "abby.toml", "[storage]\ncleanup_days = 1\n")
+    site_path = platform_dir("site_config_dir") / "abby.toml"
+    if not site_path.is_relative_to(isolated_dirs):
+        pytest.skip(f"the site config dir {site_path.parent} is system-wide here and cannot be redirected")
+    if sys.platform not in ("win32", "darwin"):
+        assert site_path == isolated_dirs / "site" / "abby" / "abby.toml"
+    assert user_config_path() == platform_dir("user_config_dir") / "abby.toml"
+    assert user_config_path().is_relative_to(isolated_dirs)
+    site = write_config(site_path, "[storage]\ncleanup_days = 1\n")
     assert load_settings(env={}).config_path == site
     user = write_config(user_config_path(), "[storage]\ncleanup_days = 2\n")
     assert load_settings(env={}).config_path == user
@@ -67,9 +86,9 @@ def test_relative_root_is_relative_to_the_config_file(tmp_path, monkeypatch):
     ('[storage]\nmax_user_storage_mb = "lots"\n', "storage.max_user_storage_mb: must be a number"),
     ("[storage]\nmax_user_daily_gens = 2.5\n", "must be a whole number"),
     ("[storage]\nmax_user_daily_gens = true\n", "must be a whole number"),
-    ("[storage]\nmax_user_storage_mb = 0\n", "must be greater than 0"),
-    ("[storage]\nmax_global_storage_mb = -5\n", "must be greater than 0"),
-    ("[storage]\ncleanup_days = 0\n", "must be greater than 0"),
+    ("[storage]\nmax_user_storage_mb = 0\n", "must be from 0.001 to 16777216 MiB"),
+    ("[storage]\nmax_global_storage_mb = -5\n", "must be from 0.001 to 16777216 MiB"),
+    ("[storage]\ncleanup_days = 0\n", "must be from 0.001 to 36500 days"),
     ("[storage]\nmax_user_storage_mb = 600\nmax_global_storage_mb = 500\n", "is above storage.max_global_storage_mb"),
     ('[storage]\ndaily_reset_timezone = "Mars/Olympus"\n', "unknown time zone"),
     ('[generation]\napi_host = "ftp://x"\n', "must start with https://"),
@@ -168,7 +187,7 @@ def test_config_set_validates_keeps_values_and_is_private(isolated_dirs):
 
     for value in ("0", "-3"):
         bad = run_abby("config", "set", "--", "storage.max_user_storage_mb", value)
-        assert bad.returncode == 2 and "greater than 0" in bad.stderr
+        assert bad.returncode == 2 and "must be from 0.001 to 16777216 MiB (16 TiB), got " in bad.stderr
     over = run_abby("config", "set", "storage.max_user_storage_mb", "9000")
     assert over.returncode == 2 and "above" in over.stderr
     typo = run_abby("config", "set", "storage.cleanup_day", "3")
@@ -185,3 +204,180 @@ def test_config_path_lists_the_search_order(tmp_path):
     data = json.loads(result.stdout)
     assert data["in_use"] == str(cfg)
     assert [p["from"] for p in data["search"]] == ["$ABBY_CONFIG", "user config", "site config"]
+
+
+# --- bounds: every numeric value that passes is one abby can compute with ---------------------
+
+@pytest.mark.parametrize("text, expected", [
+    # 1e-9 MiB is 0 bytes: quota divided by it
+    ("[storage]\nmax_user_storage_mb = 1e-9\n", "storage.max_user_storage_mb: must be from 0.001 to 16777216 MiB"),
+    ("[storage]\nmax_global_storage_mb = 1e12\n", "must be from 0.001 to 16777216 MiB (16 TiB), got 1000000000000.0"),
+    ("[storage]\nimage_generation_size_mb = 0.0000001\n", "storage.image_generation_size_mb: must be from 0.001"),
+    # 1e300 days overflowed every cleanup's date arithmetic
+    ("[storage]\ncleanup_days = 1e300\n", "storage.cleanup_days: must be from 0.001 to 36500 days (100 years)"),
+    ("[storage]\nmax_user_daily_gens = 10000000000\n", "must be whole number from 1 to 1000000"),
+    ("[generation]\nupscale_timeout = 7200\n", "generation.upscale_timeout: must be from 1 to 1800 seconds"),
+    ("[generation]\nmax_megapixels = 1000\n", "generation.max_megapixels: must be from 0.01 to 150 megapixels"),
+    ("[generation]\nmax_megapixels = 0.0001\n", "must be from 0.01 to 150 megapixels"),
+    # no generation could ever fit in the per-user cap
+    ("[storage]\nmax_user_storage_mb = 1\nimage_generation_size_mb = 1.5\n",
+     "storage.image_generation_size_mb (1.5) is above storage.max_user_storage_mb (1)"),
+])
+def test_values_out_of_bounds_are_refused_at_load(tmp_path, text, expected):
+    cfg = write_config(tmp_path / "abby.toml", text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert str(cfg) in str(err.value) and expected in str(err.value)
+
+
+def test_bounds_are_inclusive_and_edge_values_load(tmp_path):
+    cfg = write_config(tmp_path / "abby.toml", "[storage]\nmax_global_storage_mb = 16777216\nmax_user_storage_mb = 0.001\n"
+                                               "image_generation_size_mb = 0.001\ncleanup_days = 36500\n"
+                                               "max_user_daily_gens = 1000000\n[generation]\nupscale_timeout = 1800\n"
+                                               "max_megapixels = 150\n")
+    s = load_settings(cfg, env={})
+    assert s.storage.cleanup_days == 36500 and s.generation.upscale_timeout == 1800
+
+
+def test_out_of_bounds_env_values_name_the_variable():
+    with pytest.raises(ConfigError, match=r"environment variable STORAGE_CLEANUP_DAYS \(storage.cleanup_days\): "
+                                          r"must be from 0.001 to 36500 days"):
+        load_settings(env={"STORAGE_CLEANUP_DAYS": "1e300"})
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_settings(env={"STORAGE_CLEANUP_DAYS": "inf"})
+
+
+def test_a_whole_number_key_says_whole_number_for_a_decimal():
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"MAX_USER_DAILY_GENS": "3.0"})
+    assert "MAX_USER_DAILY_GENS" in str(err.value) and "must be a whole number, got 3.0" in str(err.value)
+    with pytest.raises(ConfigError, match="must be a number, got 'many'"):
+        load_settings(env={"MAX_USER_DAILY_GENS": "many"})
+
+
+def test_size_conflicts_name_the_real_source_of_each_side(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"MAX_USER_STORAGE_MB": "6000"})
+    assert str(err.value) == ("storage.max_user_storage_mb (6000, from environment variable MAX_USER_STORAGE_MB) "
+                              "is above storage.max_global_storage_mb (5000, from the built-in default)")
+    cfg = write_config(tmp_path / "abby.toml", "[storage]\nmax_user_storage_mb = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={"IMAGE_GEN_SIZE_MB": "2"})
+    assert str(err.value) == (f"storage.image_generation_size_mb (2, from environment variable IMAGE_GEN_SIZE_MB) "
+                              f"is above storage.max_user_storage_mb (1, from {cfg})")
+    assert "default" not in str(err.value)
+
+
+def test_config_set_refuses_a_generation_size_above_the_user_cap(tmp_path):
+    cfg = write_config(tmp_path / "abby.toml", "[storage]\nmax_user_storage_mb = 1\n")
+    result = run_abby("--config", str(cfg), "config", "set", "storage.image_generation_size_mb", "1.5")
+    assert result.returncode == 2
+    assert "storage.image_generation_size_mb (1.5) would be above storage.max_user_storage_mb (1)" in result.stderr
+    result = run_abby("--config", str(cfg), "config", "set", "storage.max_user_storage_mb", "1e-9")
+    assert result.returncode == 2 and "must be from 0.001 to 16777216 MiB (16 TiB)" in result.stderr
+    assert cfg.read_text() == "[storage]\nmax_user_storage_mb = 1\n"
+
+
+def test_the_template_documents_every_bound():
+    text = render_template()
+    assert "# Allowed: from 0.001 to 36500 days (100 years).\n# Environment: STORAGE_CLEANUP_DAYS" in text
+    assert text.count("# Allowed: from 0.001 to 16777216 MiB (16 TiB).") == 3
+    assert "reclaimed as abandoned after an hour" in text and "# Allowed: from 1 to 1800 seconds." in text
+
+
+# --- a key outside any section ----------------------------------------------------------------
+
+def test_a_top_level_key_is_reported_as_outside_any_section(tmp_path):
+    cfg = write_config(tmp_path / "abby.toml", 'root = "/srv/abby"\n[storage]\ncleanup_days = 2\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert str(err.value) == (f"{cfg}: 'root' is a key outside any section; write it under its section: "
+                              "[storage] root = ...")
+    cfg = write_config(tmp_path / "other.toml", "colour = 3\n")
+    with pytest.raises(ConfigError, match=r"'colour' is a key outside any section; every key belongs under one of "
+                                          r"\[storage\], \[generation\], \[cli\]"):
+        load_settings(cfg, env={})
+
+
+# --- API keys: checked where they are loaded, never echoed --------------------------------------
+
+BAD_KEYS = ["sk-abc123\rdef", "sk-abc\t123", "sk-abcé123"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_an_unusable_api_key_from_the_file_is_refused_without_echoing_it(tmp_path, key):
+    cfg = write_config(tmp_path / "abby.toml", "[generation]\n" + tomli_w.dumps({"api_key": key}))
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    message = str(err.value)
+    assert str(cfg) in message and "generation.api_key" in message and "HTTP header" in message
+    assert "sk-abc" not in message and "123" not in message
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_an_unusable_api_key_from_the_environment_is_refused_without_echoing_it(key):
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"STABILITY_API_KEY": key})
+    message = str(err.value)
+    assert "environment variable STABILITY_API_KEY" in message and "HTTP header" in message
+    assert "sk-abc" not in message and "123" not in message
+
+
+def test_an_api_key_with_surrounding_whitespace_is_used_stripped(tmp_path):
+    assert load_settings(env={"STABILITY_API_KEY": " sk-good-1\r\n"}).generation.api_key == "sk-good-1"
+    cfg = write_config(tmp_path / "abby.toml", '[generation]\napi_key = "\\tsk-good-2  "\n')
+    assert load_settings(cfg, env={}).generation.api_key == "sk-good-2"
+
+
+def test_config_set_refuses_an_unusable_key_without_echoing_it(tmp_path):
+    cfg = write_config(tmp_path / "abby.toml", "")
+    bad = run_abby("--config", str(cfg), "config", "set", "generation.api_key", "sk-secret\té")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "generation.api_key" in bad.stderr and "sk-secret" not in bad.stdout + bad.stderr
+    assert cfg.read_text() == ""
+    good = run_abby("--config", str(cfg), "config", "set", "generation.api_key", "  sk-secret-ok ")
+    assert good.returncode == 0, good.stderr
+    assert tomllib.loads(cfg.read_text())["generation"]["api_key"] == "sk-secret-ok"
+
+
+# --- writing while another program holds the file (Windows: WinError 5) --------------------------
+
+def test_config_set_retries_a_file_held_open_then_succeeds(tmp_path, monkeypatch):
+    import abbycli.config as config
+
+    cfg = write_config(tmp_path / "abby.toml", "")
+    real_replace, failures = os.replace, []
+
+    def busy_twice(src, dst):
+        if len(failures) < 2:
+            failures.append(src)
+            raise PermissionError(13, "Access is denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(config, "REPLACE_RETRY_DELAYS", (0, 0, 0, 0))
+    monkeypatch.setattr(config.os, "replace", busy_twice)
+    config.set_value(cfg, "storage.cleanup_days", "3")
+    assert len(failures) == 2
+    assert tomllib.loads(cfg.read_text())["storage"]["cleanup_days"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["abby.toml"]
+
+
+def test_config_set_on_a_file_held_open_for_good_is_one_clear_error(tmp_path, monkeypatch):
+    import abbycli.config as config
+
+    cfg = write_config(tmp_path / "abby.toml", "[storage]\ncleanup_days = 2\n")
+    calls = []
+
+    def always_busy(src, dst):
+        calls.append(src)
+        raise PermissionError(13, "Access is denied")
+
+    monkeypatch.setattr(config, "REPLACE_RETRY_DELAYS", (0, 0, 0))
+    monkeypatch.setattr(config.os, "replace", always_busy)
+    with pytest.raises(ConfigError) as err:
+        config.set_value(cfg, "storage.cleanup_days", "3")
+    assert len(calls) == 4  # three retries after the first attempt
+    assert str(err.value) == (f"cannot write {cfg}: access denied (if another program has it open, "
+                              "close it and try again)")
+    assert cfg.read_text() == "[storage]\ncleanup_days = 2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["abby.toml"]  # the temporary file is gone

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from abbycli import schedule
-from abbycli.errors import AbbyError, InvalidInput
+from abbycli.config import load_settings
+from abbycli.errors import AbbyError, ConfigError, InvalidInput
+from conftest import write_config
 
 
 class FakeOS:
@@ -130,7 +135,141 @@ def test_print_changes_nothing(tmp_path):
     result = run_abby("--config", str(cfg), "schedule", "install", "--target", "systemd", "--at", "02:15", "--print",
                       env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
     assert result.returncode == 0, result.stderr
-    assert "OnCalendar=*-*-* 02:15:00" in result.stdout and f"--config {cfg}" in result.stdout
+    # systemd_quote, not the bare path: a Windows temp path (C:\\...) is quoted with doubled backslashes
+    assert "OnCalendar=*-*-* 02:15:00" in result.stdout and f"--config {schedule.systemd_quote(str(cfg))}" in result.stdout
     assert not (tmp_path / "xdg" / "systemd").exists()
     bad = run_abby("--config", str(cfg), "schedule", "install", "--at", "25:00", "--print")
     assert bad.returncode == 2 and "HH:MM" in bad.stderr
+
+
+# --- the job carries what it would not otherwise see ---------------------------------------------
+
+def job_settings(tmp_path, env, text="[storage]\ncleanup_days = 3\n", overrides=None):
+    cfg = write_config(tmp_path / "abby.toml", text)
+    return cfg, load_settings(cfg, overrides, env=env)
+
+
+def test_root_and_age_from_the_environment_are_carried_into_the_job(tmp_path):
+    cfg, settings = job_settings(tmp_path, {"STORAGE_ROOT": str(tmp_path / "x"), "STORAGE_CLEANUP_DAYS": "1"})
+    command, left_out = schedule.job_command(settings, environ={})
+    assert command[command.index("--config") + 1] == str(cfg.resolve())
+    assert command[command.index("--root") + 1] == str((tmp_path / "x").resolve())
+    assert command[-4:] == ["cleanup", "--quiet", "--older-than", "1"] and left_out == []
+
+
+def test_settings_from_the_file_or_defaults_are_left_to_the_file(tmp_path):
+    _, settings = job_settings(tmp_path, {}, '[storage]\nroot = "store"\ncleanup_days = 3\n')
+    command, _ = schedule.job_command(settings, environ={})
+    assert "--root" not in command and "--older-than" not in command and "--log-file" not in command
+    assert command[-2:] == ["cleanup", "--quiet"]
+
+
+def test_flags_are_carried(tmp_path):
+    _, settings = job_settings(tmp_path, {}, overrides={"storage.root": str(tmp_path / "r"),
+                                                        "cli.log_file": str(tmp_path / "l.log")})
+    command, _ = schedule.job_command(settings, environ={})
+    assert command[command.index("--root") + 1] == str((tmp_path / "r").resolve())
+    assert command[command.index("--log-file") + 1] == str((tmp_path / "l.log").resolve())
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="only Linux derives the default dirs from XDG_*")
+def test_a_default_root_that_follows_an_xdg_variable_is_carried(tmp_path, isolated_dirs):
+    _, settings = job_settings(tmp_path, {})
+    command, _ = schedule.job_command(settings, environ={"XDG_DATA_HOME": str(isolated_dirs / "data")})
+    assert command[command.index("--root") + 1] == str(settings.storage.root.resolve())
+    command, _ = schedule.job_command(settings, environ={})
+    assert "--root" not in command
+
+
+def test_settings_cleanup_does_not_use_are_named_not_carried(tmp_path):
+    _, settings = job_settings(tmp_path, {"MAX_USER_DAILY_GENS": "9", "STABILITY_API_KEY": "sk-secret-1"})
+    command, left_out = schedule.job_command(settings, environ={})
+    assert left_out == ["MAX_USER_DAILY_GENS (storage.max_user_daily_gens)",
+                        "STABILITY_API_KEY (generation.api_key)"]
+    assert not any("sk-secret" in a or "9" == a for a in command)
+
+
+def test_a_config_that_only_loads_thanks_to_the_environment_is_refused(tmp_path):
+    _, settings = job_settings(tmp_path, {"MAX_GLOBAL_STORAGE_MB": "10000"}, "[storage]\nmax_user_storage_mb = 6000\n")
+    with pytest.raises(ConfigError) as err:
+        schedule.job_command(settings, environ={})
+    message = str(err.value)
+    assert message.startswith("the scheduled job would not see MAX_GLOBAL_STORAGE_MB")
+    assert "storage.max_user_storage_mb (6000" in message and "\n" not in message
+
+
+def test_the_job_line_for_each_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    command = ["/opt/ab by/abby", "--config", "/etc/a$b/abby.toml", "--root", "/srv/100%/it's", "cleanup", "--quiet",
+               "--older-than", "1.5"]
+    fake = FakeOS(None)
+    schedule.execute(schedule.install_plan("cron", command, "03:30", fake), fake)
+    # cron hands the line after the time fields to /bin/sh, after turning \% into %
+    line = fake.crontab.splitlines()[0]
+    assert line == ("30 3 * * * '/opt/ab by/abby' --config '/etc/a$b/abby.toml' --root '/srv/100\\%/it'\"'\"'s' "
+                    "cleanup --quiet --older-than 1.5 " + schedule.CRON_MARK)
+    shell_text = line[len("30 3 * * * "):-len(schedule.CRON_MARK)].replace("\\%", "%")
+    assert shlex.split(shell_text) == command
+
+    service, _ = schedule.systemd_units(command, 3, 30)
+    assert ('ExecStart="/opt/ab by/abby" --config "/etc/a$$b/abby.toml" --root "/srv/100%%/it\'s" '
+            "cleanup --quiet --older-than 1.5\n") in service
+
+    win = [r"C:\Program Files\abby\abby.exe", "--config", r"C:\abby data\abby.toml", "--root", r"D:\store 1",
+           "cleanup", "--quiet", "--older-than", "1.5"]
+    tr = schedule.install_plan("schtasks", win, "03:30", fake).commands[0][0][9]
+    assert tr == (r'"C:\Program Files\abby\abby.exe" --config "C:\abby data\abby.toml" --root "D:\store 1" '
+                  r"cleanup --quiet --older-than 1.5")
+
+
+def test_systemd_doubles_dollar_signs():
+    assert schedule.systemd_quote("/srv/$HOME") == '"/srv/$$HOME"'
+    assert schedule.systemd_quote("/srv/${X}y") == '"/srv/$${X}y"'
+
+
+@pytest.mark.parametrize("target", schedule.TARGETS)
+def test_a_path_with_a_line_break_cannot_be_scheduled(target):
+    with pytest.raises(InvalidInput, match="line break"):
+        schedule.install_plan(target, ["/usr/bin/abby", "--root", "/srv/a\nb", "cleanup", "--quiet"], "03:30", FakeOS())
+
+
+def test_schtasks_refuses_a_command_longer_than_it_takes():
+    long = [r"C:\a" + "\\x" * 130 + r"\abby.exe", "cleanup", "--quiet"]
+    with pytest.raises(InvalidInput, match="at most 261"):
+        schedule.install_plan("schtasks", long, "03:30", FakeOS())
+
+
+def test_schedule_install_as_a_user_carries_the_environment(tmp_path):
+    from conftest import run_abby
+
+    cfg = write_config(tmp_path / "abby.toml", "[storage]\ncleanup_days = 3\n")
+    root = tmp_path / "x"
+    result = run_abby("--config", str(cfg), "schedule", "install", "--target", "systemd", "--print",
+                      env={"STORAGE_ROOT": str(root), "STORAGE_CLEANUP_DAYS": "1", "MAX_USER_DAILY_GENS": "9",
+                           "XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    assert result.returncode == 0, result.stderr
+    assert f"--root {schedule.systemd_quote(str(root.resolve()))} " in result.stdout
+    assert "cleanup --quiet --older-than 1\n" in result.stdout
+    assert "the job does not get MAX_USER_DAILY_GENS" in result.stderr
+
+    # the job, run without this shell's variables, cleans the same root with the same age
+    command, _ = schedule.job_command(load_settings(cfg, env={"STORAGE_ROOT": str(root), "STORAGE_CLEANUP_DAYS": "1"}),
+                                      environ={})
+    job_env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_ROOT", "STORAGE_CLEANUP_DAYS")}
+    done = subprocess.run(command, env=job_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (root / ".abby").is_dir()
+
+
+def test_the_command_keeps_a_venv_interpreter(monkeypatch, tmp_path):
+    base = tmp_path / "base-python"
+    base.write_text("")
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    try:
+        venv_python.symlink_to(base)
+    except OSError:
+        pytest.skip("this system cannot make symlinks (Windows without developer mode)")
+    monkeypatch.setattr("sys.argv", ["-c"])
+    monkeypatch.setattr("sys.executable", str(venv_python))
+    assert schedule.abby_command(None, None)[:3] == [str(venv_python), "-m", "abbycli"]

@@ -54,13 +54,18 @@ def install(
 ) -> None:
     """Run `abby cleanup --quiet` every day, using this abby and the config in use.
 
-    Installing again replaces the entry; it never adds a second one.
+    Settings cleanup uses (root, age, log file) that come from environment
+    variables or flags are written into the job, since a scheduler does not pass
+    them on. Installing again replaces the entry; it never adds a second one.
     """
     from .. import schedule
 
-    st = state(ctx)
-    settings = st.settings()  # a broken config is refused before anything is scheduled
-    command = schedule.abby_command(settings.config_path, st.root)
+    settings = state(ctx).settings()  # a broken config is refused before anything is scheduled
+    command, left_out = schedule.job_command(settings)
+    if left_out:
+        output.note(f"the job does not get {', '.join(left_out)}: cleanup does not use "
+                    f"{'it' if len(left_out) == 1 else 'them'}, and the config loads without "
+                    f"{'it' if len(left_out) == 1 else 'them'}")
     runner = schedule.run_command
     if dry:
         def runner(args, stdin=None):  # --print must work where the scheduler is missing, too
