@@ -219,9 +219,11 @@ KEYS: dict[str, Key] = {
             "Seconds to wait for a creative upscale to finish. At most 30 minutes: the storage\n"
             "reservation a request holds is reclaimed as abandoned after an hour, so a request\n"
             "must always end well before that.", from_text=_num_text),
-        Key("generation.max_megapixels", Bounded(0.01, 150, "megapixels"), 40,
+        Key("generation.max_megapixels", Bounded(0.01, 89, "megapixels"), 40,
             "Largest image, in megapixels (million pixels), that abby reads as an input or makes\n"
-            "locally; larger ones are refused before any memory is spent on them.", from_text=_num_text),
+            "locally; larger ones are refused before any memory is spent on them. At most 89:\n"
+            "the store refuses images beyond Pillow's decompression-bomb limit (89.5 megapixels).",
+            from_text=_num_text),
         Key("cli.default_user", _user_id, None,
             "User id the command line acts for when --user is not given."),
         Key("cli.log_file", _non_empty, None,

@@ -217,8 +217,8 @@ def test_config_path_lists_the_search_order(tmp_path):
     ("[storage]\ncleanup_days = 1e300\n", "storage.cleanup_days: must be from 0.001 to 36500 days (100 years)"),
     ("[storage]\nmax_user_daily_gens = 10000000000\n", "must be whole number from 1 to 1000000"),
     ("[generation]\nupscale_timeout = 7200\n", "generation.upscale_timeout: must be from 1 to 1800 seconds"),
-    ("[generation]\nmax_megapixels = 1000\n", "generation.max_megapixels: must be from 0.01 to 150 megapixels"),
-    ("[generation]\nmax_megapixels = 0.0001\n", "must be from 0.01 to 150 megapixels"),
+    ("[generation]\nmax_megapixels = 1000\n", "generation.max_megapixels: must be from 0.01 to 89 megapixels"),
+    ("[generation]\nmax_megapixels = 0.0001\n", "must be from 0.01 to 89 megapixels"),
     # no generation could ever fit in the per-user cap
     ("[storage]\nmax_user_storage_mb = 1\nimage_generation_size_mb = 1.5\n",
      "storage.image_generation_size_mb (1.5) is above storage.max_user_storage_mb (1)"),
@@ -234,7 +234,7 @@ def test_bounds_are_inclusive_and_edge_values_load(tmp_path):
     cfg = write_config(tmp_path / "abby.toml", "[storage]\nmax_global_storage_mb = 16777216\nmax_user_storage_mb = 0.001\n"
                                                "image_generation_size_mb = 0.001\ncleanup_days = 36500\n"
                                                "max_user_daily_gens = 1000000\n[generation]\nupscale_timeout = 1800\n"
-                                               "max_megapixels = 150\n")
+                                               "max_megapixels = 89\n")
     s = load_settings(cfg, env={})
     assert s.storage.cleanup_days == 36500 and s.generation.upscale_timeout == 1800
 
