@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..errors import AbbyError, InvalidInput
-from ..storage.quota import human_size
+from ..errors import AbbyError, InvalidInput, UserQuotaExceeded
+from ..storage.quota import human_size, too_big_for_user
 from . import logfile, output
 from .app import state
 
@@ -123,28 +125,60 @@ def save(
 ) -> None:
     """Store existing image files for a user, under the same quotas as generated ones.
 
-    Daily generation limits do not apply: nothing is generated.
+    Every file is tried; the exit code is the first failure's. Daily generation
+    limits do not apply: nothing is generated.
     """
     st = state(ctx)
     owner = st.user(user)
     storage = st.storage()
-    stored = []
+    stored, failed, code = [], [], 0
     for path in files:
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
-        try:
+            data = _read_image_file(path, storage.limits.user_bytes)
             image = storage.store(data, owner, name or path.name,
                                   metadata={"source": path.name, "operation": "import"})
         except AbbyError as exc:
-            exc.args = (f"{path}: {exc}",)
-            raise
-        stored.append(image)
+            message = f"{path}: {exc}"
+            failed.append({"file": str(path), "error": message, "exit_code": exc.exit_code})
+            code = code or exc.exit_code
+            if not as_json:
+                output.error(message)
+            continue
+        stored.append(image.to_dict())
         if not as_json:
             output.info(f"stored {image.path} (id {image.id}, {human_size(image.size)})")
     if as_json:
-        output.print_json([i.to_dict() for i in stored])
+        output.print_json({"stored": stored, "failed": failed})
+    if code:
+        raise typer.Exit(code)
+
+
+def _read_image_file(path: Path, cap: int) -> bytes:
+    """The file's bytes, refusing before reading anything that cannot be an image or
+    cannot fit: a device such as /dev/zero, a pipe, or a file over the per-user cap.
+    At most cap + 1 bytes are read, so a file that grows meanwhile cannot fill memory."""
+    try:
+        # O_NONBLOCK: opening a named pipe must not wait for a writer (no effect on files).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise InvalidInput(f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)  # of the file opened, so the file checked is the file read
+        if stat.S_ISDIR(info.st_mode):
+            raise InvalidInput("it is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInput("not a regular file (a device, pipe or socket); abby stores image files only")
+        if info.st_size > cap:
+            raise UserQuotaExceeded(too_big_for_user(info.st_size, cap))
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read(cap + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read it: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise UserQuotaExceeded(f"the file grew past the per-user limit of {human_size(cap)} while being read")
+    return data
 
 
 def delete(
