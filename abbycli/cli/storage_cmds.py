@@ -60,7 +60,7 @@ def quota(
             if shown:
                 output.table(
                     ["User", "Used", "Files", "%", "", "Status", "Today"],
-                    [[u["user_id"], human_size(u["used_bytes"]), u["files"], f"{u['percentage']:.1f}",
+                    [[u["user_id"], human_size(u["used_bytes"]), u["files"], output.percent(u["percentage"]),
                       output.bar(u["percentage"], 12), output.status_text(u["status"]),
                       f"{u['daily_used']}/{u['daily_limit']}"] for u in shown],
                 )
@@ -77,7 +77,7 @@ def _worst(*statuses: str) -> str:
 
 def _status_line(label: str, part: dict, cap_key: str) -> None:
     line = [f"{label:<7} ", *output.bar(part["percentage"]),
-            f" {part['percentage']:5.1f}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  ",
+            f" {output.percent(part['percentage']):>5}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  ",
             *output.status_text(part["status"])]
     if part.get("reserved_bytes"):
         line.append((f"  (+{human_size(part['reserved_bytes'])} reserved)", "dim"))
@@ -188,12 +188,13 @@ def delete(
 ) -> None:
     """Delete stored images by id or path; their space is returned to the quota at once."""
     storage = state(ctx).storage()
-    deleted, failed = [], []
+    deleted, failed, code = [], [], 0
     for ref in refs:
         try:
             image = storage.delete_image(ref)
-        except AbbyError as exc:
-            failed.append({"ref": ref, "error": str(exc)})
+        except AbbyError as exc:  # FileInUse among them: the row is kept, nothing is lost
+            failed.append({"ref": ref, "error": str(exc), "exit_code": exc.exit_code})
+            code = code or exc.exit_code
             if not as_json:
                 output.error(str(exc))
             continue
@@ -202,8 +203,8 @@ def delete(
             output.info(f"deleted {image.id} ({image.user_id}, {human_size(image.size)}) {image.path}")
     if as_json:
         output.print_json({"deleted": deleted, "failed": failed})
-    if failed:
-        raise typer.Exit(1)
+    if code:
+        raise typer.Exit(code)
 
 
 def cleanup(
@@ -222,10 +223,14 @@ def cleanup(
     never follows links, never leaves the storage root.
     """
     report = state(ctx).storage().cleanup(older_than, user, dry_run)
+    # Files another program holds open (Windows): their rows stay, the next run retries.
+    kept = getattr(report, "kept", [])
     if not dry_run:
-        logfile.log().info("deleted %d image(s), %d bytes, %d temp file(s), %d empty folder(s); %d skipped (links)",
-                           len(report.deleted), report.freed_bytes, len(report.temp_files), len(report.empty_dirs),
-                           len(report.skipped))
+        logfile.log().info("deleted %d image(s), %d bytes, %d temp file(s), %d empty folder(s); "
+                           "%d in use, kept; %d skipped (links)", len(report.deleted), report.freed_bytes,
+                           len(report.temp_files), len(report.empty_dirs), len(kept), len(report.skipped))
+        for path in kept:
+            logfile.log().warning("in use, kept: %s", path)
     if as_json:
         output.print_json(report.to_dict())
         return
@@ -241,11 +246,18 @@ def cleanup(
             output.info(f"would remove empty folder {path}")
     for path in report.skipped:
         output.warn(f"not deleted, a link is on its way: {path}")
+    for path in kept:
+        output.warn(f"not deleted, in use by another program: {path}")
     output.info(
         f"{verb} {len(report.deleted)} image(s) ({human_size(report.freed_bytes)}), "
-        f"{len(report.temp_files)} temp file(s), {len(report.empty_dirs)} empty folder(s); "
-        f"cut-off {output.local_time(report.cutoff)}."
+        f"{len(report.temp_files)} temp file(s), {len(report.empty_dirs)} empty folder(s)"
+        + (f"; {len(kept)} in use, kept; the next run retries" if kept else "")
+        + f"; cut-off {output.local_time(report.cutoff)}."
     )
+
+
+# Problems `check --fix` cannot repair: they need a person (move a file out, delete images).
+NEEDS_A_PERSON = {"foreign", "network_share", "not_an_image", "over_quota"}
 
 
 def check(
@@ -272,8 +284,9 @@ def check(
             output.info(f"Consistent: {report.files_checked} files match the ledger.")
         else:
             fixed = len(report.problems) - len(report.remaining)
+            fixable = any(p.kind not in NEEDS_A_PERSON for p in report.remaining)
             output.info(f"{len(report.problems)} problem(s), {fixed} fixed, {len(report.remaining)} remaining"
-                        + ("" if fix or not report.remaining else "; run `abby check --fix` to repair") + ".")
+                        + ("; run `abby check --fix` to repair" if fixable and not fix else "") + ".")
     if report.remaining:
         raise typer.Exit(1)
 
