@@ -108,6 +108,19 @@ def error(message: str) -> None:
     err_console().print(_text([(f"abby: error: {message}", "bold red")]))
 
 
+def item_error(message: str, show: bool = True) -> None:
+    """One failed item of a command that goes on with the others (save, delete): one
+    line, unless ``show`` is off (--json); with ABBY_DEBUG=1 the traceback as well."""
+    import os
+
+    if os.environ.get("ABBY_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    if show:
+        error(message)
+
+
 def warn(message: str) -> None:
     err_console().print(_text([(f"abby: warning: {message}", "yellow")]))
 

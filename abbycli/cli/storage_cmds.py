@@ -141,8 +141,7 @@ def save(
             message = f"{path}: {exc}"
             failed.append({"file": str(path), "error": message, "exit_code": exc.exit_code})
             code = code or exc.exit_code
-            if not as_json:
-                output.error(message)
+            output.item_error(message, show=not as_json)
             continue
         stored.append(image.to_dict())
         if not as_json:
@@ -195,8 +194,7 @@ def delete(
         except AbbyError as exc:  # FileInUse among them: the row is kept, nothing is lost
             failed.append({"ref": ref, "error": str(exc), "exit_code": exc.exit_code})
             code = code or exc.exit_code
-            if not as_json:
-                output.error(str(exc))
+            output.item_error(str(exc), show=not as_json)
             continue
         deleted.append(image.to_dict())
         if not as_json:
