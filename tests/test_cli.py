@@ -53,7 +53,7 @@ def test_admin_commands_work_on_an_empty_store(cfg):
 def test_save_list_quota_delete_round_trip(cfg, pngs, tmp_path):
     saved = abby(cfg, "save", str(pngs[0]), str(pngs[1]), "--json")
     assert saved.returncode == 0, saved.stderr
-    images = json.loads(saved.stdout)
+    images = json.loads(saved.stdout)["stored"]
     assert [Path(i["path"]).parent for i in images] == [tmp_path / "store" / "images" / "users" / "alice"] * 2
     abby(cfg, "save", str(pngs[2]), "--user", "Bob")
 

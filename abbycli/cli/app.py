@@ -8,7 +8,9 @@ becomes one line on stderr plus the exit code its class carries (see
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +23,15 @@ from typer.exceptions import TyperException
 from .. import __version__
 from ..config import Settings, load_settings
 from ..errors import AbbyError, InvalidInput
+from ..secrets import redact
 from . import logfile, output
 
 # Commands whose runs are logged: the unattended ones, and those whose failures cost credits.
 LOGGED = {"cleanup", "check", "schedule", "generate", "img2img", "upscale"}
+
+
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+_DEBUG_HINT = " (run with ABBY_DEBUG=1 for the traceback)"
 
 
 class AbbyGroup(TyperGroup):
@@ -34,19 +41,46 @@ class AbbyGroup(TyperGroup):
         except (TyperException, typer.Exit, typer.Abort):  # usage errors and exits: Typer reports them
             raise
         except AbbyError as exc:
+            st = _state_of(ctx)
+            st.open_log()
+            logfile.log().error("%s (exit %d)", exc, exc.exit_code)
             if os.environ.get("ABBY_DEBUG"):
                 raise
-            logfile.log().error("%s", exc)
-            output.error(str(exc))
+            output.error(redact(str(exc), st.secret()))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            output.error("interrupted")
-            raise typer.Exit(130) from None
-        except Exception as exc:
-            if os.environ.get("ABBY_DEBUG"):
+            _state_of(ctx).open_log()
+            logfile.log().warning("interrupted")
+            _report_interrupt()
+            raise typer.Exit(INTERRUPTED) from None
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # `abby list | head`: Typer ends quietly
                 raise
-            output.error(f"unexpected {type(exc).__name__}: {exc} (run with ABBY_DEBUG=1 for the traceback)")
-            raise typer.Exit(1) from None
+            self._unexpected(ctx, exc)
+        except Exception as exc:
+            self._unexpected(ctx, exc)
+
+    @staticmethod
+    def _unexpected(ctx, exc: Exception) -> None:
+        """A bug or an error the core did not convert: the traceback goes to the log
+        (redacted), the user gets one line."""
+        st = _state_of(ctx)
+        st.open_log()
+        logfile.log().error("unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
+        if os.environ.get("ABBY_DEBUG"):
+            raise exc
+        output.error(redact(f"unexpected {type(exc).__name__}: {exc}", st.secret()) + _DEBUG_HINT)
+        raise typer.Exit(1) from None
+
+
+_interrupt_reported = False
+
+
+def _report_interrupt() -> None:
+    global _interrupt_reported
+    if not _interrupt_reported:
+        _interrupt_reported = True
+        output.error("interrupted")
 
 
 @dataclass
@@ -66,6 +100,22 @@ class State:
             if self.command in LOGGED:
                 logfile.setup(self._settings.cli.log_file, self.command, self._settings.generation.api_key)
         return self._settings
+
+    def open_log(self) -> None:
+        """Make sure a logged command that fails has its log, even when it failed
+        before reading the settings, or because they are broken (a cron cleanup
+        with a bad config file is exactly the failure the log is for)."""
+        if self.command not in LOGGED or self._settings is not None:
+            return
+        try:
+            self.settings()
+        except AbbyError:
+            from ..config import default_log_file
+
+            logfile.setup(Path(self.log_file) if self.log_file else default_log_file(), self.command, None)
+
+    def secret(self) -> Optional[str]:
+        return self._settings.generation.api_key if self._settings is not None else None
 
     def storage(self):
         if self._storage is None:
@@ -121,6 +171,10 @@ def state(ctx: typer.Context) -> State:
     return ctx.ensure_object(State)
 
 
+def _state_of(ctx) -> State:
+    return ctx.obj if isinstance(ctx.obj, State) else State()
+
+
 def _register() -> None:
     from . import config_cmds, gen_cmds, history_cmds, schedule_cmds, storage_cmds
 
@@ -135,7 +189,34 @@ _register()
 
 
 def main() -> None:
-    app(prog_name="abby")
+    output.tolerate_any_encoding()
+    try:
+        app(prog_name="abby")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:  # Ctrl-C outside a command (while parsing, say)
+        code = INTERRUPTED
+    try:
+        if code == INTERRUPTED:  # Typer turns a Ctrl-C outside invoke into a silent 130
+            _report_interrupt()
+        # Flush while a Ctrl-C can still be caught, so nothing is left for Python's exit.
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        _report_interrupt()
+        code = INTERRUPTED
+    except OSError as exc:
+        # A closed pipe or a full disk: what is left cannot be shown. Let it drain into
+        # the null device, or Python's exit would try again and print a traceback.
+        if exc.errno != errno.EPIPE and not code:
+            output.error(f"cannot write the output: {exc.strerror or exc}")
+        code = code or 1
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    # The command is over and its output is out. A Ctrl-C from here on would land while
+    # Python shuts down, which resets SIGINT to its default and dies of it (exit -2);
+    # the outcome is already decided, so the command's own exit code stands.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,49 +1,81 @@
 """The rotating log file for unattended commands and generation failures.
 
-Each line: time, level, the command, the message. The API key is removed from
-every line by a filter, as a second guard: abby never puts it in a message.
+Each line: time, level, the command, the message (and, for an unexpected
+error, its traceback). Every formatted line, traceback included, passes
+through ``secrets.redact``: abby never puts the API key in a message, this is
+the second guard.
+
+A log is a help, never a reason to fail: if the file cannot be written (disk
+full, permissions changed, ``/dev/full``) the user is told once, in one line,
+and the command goes on without it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
+from ..secrets import redact
 from . import output
 
 LOGGER = "abby"
 
 
-class _Redact(logging.Filter):
-    def __init__(self, secret: str | None):
-        super().__init__()
+class _RedactingFormatter(logging.Formatter):
+    def __init__(self, command: str, secret: str | None):
+        super().__init__(f"%(asctime)s %(levelname)s abby {command}: %(message)s")
         self.secret = secret
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secret:
-            message = record.getMessage()
-            if self.secret in message:
-                record.msg, record.args = message.replace(self.secret, "********"), ()
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secret)
+
+
+class _Handler(RotatingFileHandler):
+    """Warns once when a write fails and then stays quiet, where logging's own
+    handler would print a "--- Logging error ---" traceback for every record."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        self.failed = True
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or exc
+        output.warn(f"cannot write the log file {self.baseFilename}: {reason}; continuing without it")
 
 
 def setup(path: Path, command: str, secret: str | None) -> None:
-    """Send the "abby" logger to ``path``; if it cannot be written, say so once and go on
-    (a cleanup must not fail because its log is unwritable)."""
+    """Send the "abby" logger to ``path``, and only there.
+
+    Calling it again (a second command in one process, as the test runner
+    does) reuses the handler for the same file or replaces the old one, so a
+    line is never written twice.
+    """
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(logging.INFO)
+    target = os.path.abspath(path)
+    for handler in list(logger.handlers):
+        if isinstance(handler, _Handler):
+            if handler.baseFilename == target:
+                handler.setFormatter(_RedactingFormatter(command, secret))
+                handler.failed = False
+                return
+            logger.removeHandler(handler)
+            handler.close()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
+        handler = _Handler(path, maxBytes=1024 * 1024, backupCount=5, encoding="utf-8")
     except OSError as exc:
         output.warn(f"cannot write the log file {path}: {exc.strerror or exc}; continuing without it")
         return
-    from logging.handlers import RotatingFileHandler
-
-    handler = RotatingFileHandler(path, maxBytes=1024 * 1024, backupCount=5, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s abby {command}: %(message)s"))
-    handler.addFilter(_Redact(secret))
-    logger = logging.getLogger(LOGGER)
-    logger.setLevel(logging.INFO)
+    handler.setFormatter(_RedactingFormatter(command, secret))
     logger.addHandler(handler)
 
 

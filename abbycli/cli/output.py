@@ -7,15 +7,25 @@ we also drop table borders and widen the page when piped, so that
 
 Styled text is passed around as ``(text, style)`` pairs so that commands
 never import rich themselves.
+
+Output must survive any encoding: on Windows a pipe or a file gets the ANSI
+code page (cp1252), not UTF-8. So text that the stream cannot encode is
+replaced rather than fatal, bars fall back to ASCII, and JSON is escaped to
+ASCII whenever the stream is not UTF-8, so it always parses to the same data.
 """
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import sys
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterable, Union
+
+from ..errors import AbbyError
 
 Piece = Union[str, tuple[str, str]]  # plain text, or (text, rich style)
 
@@ -50,12 +60,65 @@ def _text(pieces: Iterable[Piece]):
     return out
 
 
+def tolerate_any_encoding() -> None:
+    """Make stdout replace what its encoding cannot show instead of raising
+    UnicodeEncodeError (stderr already does: Python gives it backslashreplace)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdout, "errors", None) == "strict":
+        reconfigure(errors="replace")
+
+
+def _encoding() -> str:
+    name = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return "ascii"
+
+
+@lru_cache(maxsize=None)
+def _can_show(encoding: str, text: str) -> bool:
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextmanager
+def _writing():
+    """A stdout that cannot be written (a full disk, /dev/full) is one clear error;
+    a closed pipe (`abby list | head`) is left to Typer, which ends quietly."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        raise AbbyError(f"cannot write the output: {exc.strerror or exc}") from exc
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    # Escaped \uXXXX is plain ASCII, which every code page carries unchanged.
+    text = json.dumps(data, indent=2, ensure_ascii=_encoding() != "utf-8", default=str)
+    with _writing():
+        sys.stdout.write(text + "\n")
 
 
 def error(message: str) -> None:
     err_console().print(_text([(f"abby: error: {message}", "bold red")]))
+
+
+def item_error(message: str, show: bool = True) -> None:
+    """One failed item of a command that goes on with the others (save, delete): one
+    line, unless ``show`` is off (--json); with ABBY_DEBUG=1 the traceback as well."""
+    import os
+
+    if os.environ.get("ABBY_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    if show:
+        error(message)
 
 
 def warn(message: str) -> None:
@@ -67,7 +130,8 @@ def note(message: str) -> None:
 
 
 def info(*pieces: Piece) -> None:
-    console().print(_text(pieces))
+    with _writing():
+        console().print(_text(pieces))
 
 
 def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
@@ -80,13 +144,24 @@ def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | No
         t.add_column(name, overflow="fold", justify="right" if name in RIGHT else "left")
     for row in rows:
         t.add_row(*[_text(c) if isinstance(c, list) else _text([str(c)]) for c in row])
-    out.print(t)
+    with _writing():
+        out.print(t)
 
 
 def bar(percentage: float, width: int = 20) -> list[Piece]:
-    filled = min(width, round(percentage / 100 * width))
+    # Rounded down like the percentages: a full bar only for a full store.
+    filled = max(0, min(width, int(percentage / 100 * width)))
     style = "red" if percentage >= 100 else "yellow" if percentage >= 80 else "green"
-    return [("█" * filled, style), ("░" * (width - filled), "dim")]
+    full, empty = ("█", "░") if _can_show(_encoding(), "█░") else ("#", "-")
+    return [(full * filled, style), (empty * (width - filled), "dim")]
+
+
+def percent(value: float) -> str:
+    """A status percentage with one decimal, rounded down like the status itself:
+    99.99 reads 99.9, never a 100.0 that is not FULL."""
+    import math
+
+    return f"{math.floor(round(value * 10, 6)) / 10:.1f}"
 
 
 def status_text(status: str) -> list[Piece]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..errors import AbbyError, InvalidInput
-from ..storage.quota import human_size
+from ..errors import AbbyError, InvalidInput, UserQuotaExceeded
+from ..storage.quota import human_size, too_big_for_user
 from . import logfile, output
 from .app import state
 
@@ -58,7 +60,7 @@ def quota(
             if shown:
                 output.table(
                     ["User", "Used", "Files", "%", "", "Status", "Today"],
-                    [[u["user_id"], human_size(u["used_bytes"]), u["files"], f"{u['percentage']:.1f}",
+                    [[u["user_id"], human_size(u["used_bytes"]), u["files"], output.percent(u["percentage"]),
                       output.bar(u["percentage"], 12), output.status_text(u["status"]),
                       f"{u['daily_used']}/{u['daily_limit']}"] for u in shown],
                 )
@@ -75,7 +77,7 @@ def _worst(*statuses: str) -> str:
 
 def _status_line(label: str, part: dict, cap_key: str) -> None:
     line = [f"{label:<7} ", *output.bar(part["percentage"]),
-            f" {part['percentage']:5.1f}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  ",
+            f" {output.percent(part['percentage']):>5}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  ",
             *output.status_text(part["status"])]
     if part.get("reserved_bytes"):
         line.append((f"  (+{human_size(part['reserved_bytes'])} reserved)", "dim"))
@@ -123,28 +125,59 @@ def save(
 ) -> None:
     """Store existing image files for a user, under the same quotas as generated ones.
 
-    Daily generation limits do not apply: nothing is generated.
+    Every file is tried; the exit code is the first failure's. Daily generation
+    limits do not apply: nothing is generated.
     """
     st = state(ctx)
     owner = st.user(user)
     storage = st.storage()
-    stored = []
+    stored, failed, code = [], [], 0
     for path in files:
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
-        try:
+            data = _read_image_file(path, storage.limits.user_bytes)
             image = storage.store(data, owner, name or path.name,
                                   metadata={"source": path.name, "operation": "import"})
         except AbbyError as exc:
-            exc.args = (f"{path}: {exc}",)
-            raise
-        stored.append(image)
+            message = f"{path}: {exc}"
+            failed.append({"file": str(path), "error": message, "exit_code": exc.exit_code})
+            code = code or exc.exit_code
+            output.item_error(message, show=not as_json)
+            continue
+        stored.append(image.to_dict())
         if not as_json:
             output.info(f"stored {image.path} (id {image.id}, {human_size(image.size)})")
     if as_json:
-        output.print_json([i.to_dict() for i in stored])
+        output.print_json({"stored": stored, "failed": failed})
+    if code:
+        raise typer.Exit(code)
+
+
+def _read_image_file(path: Path, cap: int) -> bytes:
+    """The file's bytes, refusing before reading anything that cannot be an image or
+    cannot fit: a device such as /dev/zero, a pipe, or a file over the per-user cap.
+    At most cap + 1 bytes are read, so a file that grows meanwhile cannot fill memory."""
+    try:
+        # O_NONBLOCK: opening a named pipe must not wait for a writer (no effect on files).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise InvalidInput(f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)  # of the file opened, so the file checked is the file read
+        if stat.S_ISDIR(info.st_mode):
+            raise InvalidInput("it is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInput("not a regular file (a device, pipe or socket); abby stores image files only")
+        if info.st_size > cap:
+            raise UserQuotaExceeded(too_big_for_user(info.st_size, cap))
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read(cap + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read it: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise UserQuotaExceeded(f"the file grew past the per-user limit of {human_size(cap)} while being read")
+    return data
 
 
 def delete(
@@ -154,22 +187,22 @@ def delete(
 ) -> None:
     """Delete stored images by id or path; their space is returned to the quota at once."""
     storage = state(ctx).storage()
-    deleted, failed = [], []
+    deleted, failed, code = [], [], 0
     for ref in refs:
         try:
             image = storage.delete_image(ref)
-        except AbbyError as exc:
-            failed.append({"ref": ref, "error": str(exc)})
-            if not as_json:
-                output.error(str(exc))
+        except AbbyError as exc:  # FileInUse among them: the row is kept, nothing is lost
+            failed.append({"ref": ref, "error": str(exc), "exit_code": exc.exit_code})
+            code = code or exc.exit_code
+            output.item_error(str(exc), show=not as_json)
             continue
         deleted.append(image.to_dict())
         if not as_json:
             output.info(f"deleted {image.id} ({image.user_id}, {human_size(image.size)}) {image.path}")
     if as_json:
         output.print_json({"deleted": deleted, "failed": failed})
-    if failed:
-        raise typer.Exit(1)
+    if code:
+        raise typer.Exit(code)
 
 
 def cleanup(
@@ -188,10 +221,14 @@ def cleanup(
     never follows links, never leaves the storage root.
     """
     report = state(ctx).storage().cleanup(older_than, user, dry_run)
+    # Files another program holds open (Windows): their rows stay, the next run retries.
+    kept = getattr(report, "kept", [])
     if not dry_run:
-        logfile.log().info("deleted %d image(s), %d bytes, %d temp file(s), %d empty folder(s); %d skipped (links)",
-                           len(report.deleted), report.freed_bytes, len(report.temp_files), len(report.empty_dirs),
-                           len(report.skipped))
+        logfile.log().info("deleted %d image(s), %d bytes, %d temp file(s), %d empty folder(s); "
+                           "%d in use, kept; %d skipped (links)", len(report.deleted), report.freed_bytes,
+                           len(report.temp_files), len(report.empty_dirs), len(kept), len(report.skipped))
+        for path in kept:
+            logfile.log().warning("in use, kept: %s", path)
     if as_json:
         output.print_json(report.to_dict())
         return
@@ -207,11 +244,18 @@ def cleanup(
             output.info(f"would remove empty folder {path}")
     for path in report.skipped:
         output.warn(f"not deleted, a link is on its way: {path}")
+    for path in kept:
+        output.warn(f"not deleted, in use by another program: {path}")
     output.info(
         f"{verb} {len(report.deleted)} image(s) ({human_size(report.freed_bytes)}), "
-        f"{len(report.temp_files)} temp file(s), {len(report.empty_dirs)} empty folder(s); "
-        f"cut-off {output.local_time(report.cutoff)}."
+        f"{len(report.temp_files)} temp file(s), {len(report.empty_dirs)} empty folder(s)"
+        + (f"; {len(kept)} in use, kept; the next run retries" if kept else "")
+        + f"; cut-off {output.local_time(report.cutoff)}."
     )
+
+
+# Problems `check --fix` cannot repair: they need a person (move a file out, delete images).
+NEEDS_A_PERSON = {"foreign", "network_share", "not_an_image", "over_quota"}
 
 
 def check(
@@ -238,8 +282,9 @@ def check(
             output.info(f"Consistent: {report.files_checked} files match the ledger.")
         else:
             fixed = len(report.problems) - len(report.remaining)
+            fixable = any(p.kind not in NEEDS_A_PERSON for p in report.remaining)
             output.info(f"{len(report.problems)} problem(s), {fixed} fixed, {len(report.remaining)} remaining"
-                        + ("" if fix or not report.remaining else "; run `abby check --fix` to repair") + ".")
+                        + ("; run `abby check --fix` to repair" if fixable and not fix else "") + ".")
     if report.remaining:
         raise typer.Exit(1)
 
