@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def cfg(tmp_path):
     return write_config(tmp_path / "abby.toml", '[storage]\nroot = "store"\nmax_user_storage_mb = 1\n'
-                                                "max_global_storage_mb = 2\n[cli]\ndefault_user = \"alice\"\n")
+                                                "max_global_storage_mb = 2\nimage_generation_size_mb = 0.5\n"
+                                                "[cli]\ndefault_user = \"alice\"\n")
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX devices, pipes and 
 @pytest.fixture
 def cfg(tmp_path):
     return write_config(tmp_path / "abby.toml", '[storage]\nroot = "store"\nmax_user_storage_mb = 1\n'
-                                                "max_global_storage_mb = 2\n[cli]\ndefault_user = \"alice\"\n")
+                                                "max_global_storage_mb = 2\nimage_generation_size_mb = 0.5\n"
+                                                "[cli]\ndefault_user = \"alice\"\n")
 
 
 def abby(cfg, *args, **kw):
@@ -124,7 +125,7 @@ def test_every_command_works_redirected_in_any_encoding(cfg, tmp_path, encoding)
     saved = abby(cfg, "save", str(picture), "--user", "山田", "--json", env=env)
     assert saved.returncode == 0, saved.stderr
     assert json.loads(saved.stdout)["stored"][0]["user_id"] == "山田"
-    storage = StorageManager(tmp_path / "store", 2, 1)
+    storage = StorageManager(tmp_path / "store", 2, 1, image_generation_size_mb=0.5)
     history.record(storage, [{"at": time.time(), "user_id": "山田", "operation": "text-to-image",
                               "prompt": "a cat 🐱 in Kyōto", "outcome": "success"}])
     storage.close()

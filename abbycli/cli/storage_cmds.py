@@ -222,7 +222,7 @@ def cleanup(
     """
     report = state(ctx).storage().cleanup(older_than, user, dry_run)
     # Files another program holds open (Windows): their rows stay, the next run retries.
-    kept = getattr(report, "kept", [])
+    kept = report.kept
     if not dry_run:
         logfile.log().info("deleted %d image(s), %d bytes, %d temp file(s), %d empty folder(s); "
                            "%d in use, kept; %d skipped (links)", len(report.deleted), report.freed_bytes,
