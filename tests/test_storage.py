@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -312,16 +313,27 @@ def test_a_full_disk_leaves_nothing_behind(storage, root, monkeypatch):
     assert storage.check().problems == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/mounts, which only Linux has")
 def test_network_filesystems_are_recognised(tmp_path, monkeypatch):
     from abbycli.storage import safefs
 
     mounts = tmp_path / "mounts"
-    mounts.write_text(f"server:/export {tmp_path}/nfs nfs4 rw 0 0\n/dev/vda / ext4 rw 0 0\n")
+    mounts.write_text(f"server:/export {tmp_path}/nfs nfs4 rw 0 0\n/dev/vda / ext4 rw 0 0\n"
+                      f"//nas/share {tmp_path}/with\\040space cifs rw 0 0\n")
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(mounts if f == "/proc/self/mounts" else f, *a, **k))
-    if os.name == "posix":
-        assert safefs.network_filesystem(tmp_path / "nfs" / "abby") == "nfs4"
-        assert safefs.network_filesystem(tmp_path / "local") is None
+    assert safefs.network_filesystem(tmp_path / "nfs" / "abby") == "nfs4"
+    assert safefs.network_filesystem(tmp_path / "nfs") == "nfs4"
+    assert safefs.network_filesystem(tmp_path / "nfsother") is None  # a prefix of the name is not the mount
+    assert safefs.network_filesystem(tmp_path / "with space" / "x") == "cifs"
+    assert safefs.network_filesystem(tmp_path / "local") is None
+
+
+@pytest.mark.skipif(os.name != "nt", reason="drive types and UNC paths exist only on Windows")
+def test_windows_network_roots_are_recognised():
+    from abbycli.storage import safefs
+
+    assert safefs.network_filesystem(Path("\\\\server\\share\\abby")) == "UNC share"
 
 
 def test_check_over_many_folders_finds_every_problem(root):
@@ -337,5 +349,9 @@ def test_check_over_many_folders_finds_every_problem(root):
         ("missing_file", str(images[3].path)), ("size_mismatch", str(images[17].path)),
         ("orphan_file", str(images[9].path.parent / "extra.png")), ("foreign", str(images[20].path.parent / "sub"))])
     assert report.files_checked == 24
+    # The parallel scan must really have run where it can (a silent fallback to one
+    # process would pass every other assertion here).
+    assert report.scan_processes == (min(os.cpu_count() or 1, 4) if sys.platform == "linux" and (os.cpu_count() or 1) > 1
+                                     else 1)
     assert [p.kind for p in sm.check(fix=True).remaining] == ["foreign"]
     assert sm.get_quota_status("user17")["user"]["used_bytes"] == 1200

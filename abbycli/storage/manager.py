@@ -98,6 +98,7 @@ class CheckReport:
     fix: bool
     problems: list[Problem] = field(default_factory=list)
     files_checked: int = 0
+    scan_processes: int = 1  # how many processes scanned the folders (more than 1 on Linux for big stores)
 
     @property
     def remaining(self) -> list[Problem]:
@@ -106,6 +107,7 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "consistent": not self.remaining, "fix": self.fix, "files_checked": self.files_checked,
+            "scan_processes": self.scan_processes,
             "problems": [p.__dict__ for p in self.problems], "remaining": len(self.remaining),
         }
 
@@ -143,6 +145,26 @@ def parse_image_id(ref: object) -> int | None:
     if not 1 <= value <= _MAX_ID:
         raise InvalidInput(f"image id {text} is out of range (1 to {_MAX_ID})")
     return value
+
+
+def _boundary(method):
+    """Errors from below (the filesystem, SQLite) leave the public methods as
+    StorageError, so that callers only ever need to catch AbbyError."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except AbbyError:
+            raise
+        except sqlite3.Error as exc:
+            raise convert_error(exc, self.ledger.path) from exc
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise StorageError(f"{where}{exc.strerror or exc}") from exc
+
+    return wrapper
 
 
 class StorageManager:
@@ -217,6 +239,7 @@ class StorageManager:
             return False, f"could not save the image: {exc}", None
         return True, f"saved {stored.path.name} ({human_size(stored.size)})", stored.path
 
+    @_boundary
     def store(
         self,
         image_data: bytes,
@@ -349,6 +372,7 @@ class StorageManager:
 
     _COLUMNS = "id, user_id, rel_path, size, format, created_at, meta"
 
+    @_boundary
     def list_images(self, user_id: str | None = None, limit: int | None = None) -> list[StoredImage]:
         """A user's images (or everyone's), newest first."""
         sql = f"SELECT {self._COLUMNS} FROM images"
@@ -363,6 +387,7 @@ class StorageManager:
         with self.ledger.read() as conn:
             return [self._row_to_image(r) for r in conn.execute(sql, args)]
 
+    @_boundary
     def get_image(self, ref: int | str | os.PathLike) -> StoredImage:
         """Find an image by ledger id or by path (absolute, or relative to the root)."""
         image_id = parse_image_id(ref)
@@ -390,6 +415,7 @@ class StorageManager:
         return None
 
     # --- deleting -----------------------------------------------------------------
+    @_boundary
     def delete_image(self, ref: int | str | os.PathLike) -> StoredImage:
         """Remove one image: the row first (the quota frees at once), then the file.
 
@@ -469,6 +495,7 @@ class StorageManager:
                 out.append(f"temp/{entry.name}")
         return sorted(out)
 
+    @_boundary
     def cleanup(
         self,
         older_than_days: float | None = None,
@@ -597,6 +624,7 @@ class StorageManager:
         return out
 
     # --- check ----------------------------------------------------------------------
+    @_boundary
     def check(self, fix: bool = False, *, now: float | None = None,
               lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> CheckReport:
         """Reconcile the ledger with the disk; with ``fix``, repair what can be repaired.
@@ -613,7 +641,7 @@ class StorageManager:
     def _check_locked(self, fix: bool, now: float) -> CheckReport:
         report = CheckReport(fix)
         try:
-            suspects, foreign, report.files_checked, drift = self._scan()
+            suspects, foreign, report.files_checked, drift, report.scan_processes = self._scan()
         except sqlite3.Error as exc:  # from the scan's own read-only connections
             raise convert_error(exc, self.ledger.path) from exc
         temp_files = self._stale_temp_files(now)
@@ -687,11 +715,12 @@ class StorageManager:
             log.warning("ledger rebuilt: %d image(s) adopted, %d problem(s) left for `abby check`",
                         adopted, len(report.remaining))
 
-    def _scan(self) -> tuple[list[str], list[tuple[str, str]], int]:
+    def _scan(self) -> tuple[list[str], list[tuple[str, str]], int, bool, int]:
         """Compare every file under images/users/ with the ledger.
 
         Returns the paths that disagree (unknown file, other size, or a row whose
-        file is missing), anything abby never makes, and how many files were seen.
+        file is missing), anything abby never makes, how many files were seen, whether
+        the totals drifted, and how many processes scanned.
         Findings are confirmed under the write lock by the caller.
         """
         foreign: list[tuple[str, str]] = []
@@ -709,7 +738,7 @@ class StorageManager:
                 users.append(user.name)
         suspects: list[str] = []
         seen = examined = 0
-        pending = _scan_in_parallel(str(self.ledger.path), str(images / "users"), users)
+        pending, processes = _scan_in_parallel(str(self.ledger.path), str(images / "users"), users)
         # While the workers stat files, check the totals in one consistent snapshot.
         with self.ledger.read() as conn:
             drift = bool(self._totals_drift(conn)[0])
@@ -725,7 +754,7 @@ class StorageManager:
             with self.ledger.read() as conn:
                 suspects += [rel for (rel,) in conn.execute("SELECT rel_path FROM images")
                              if rel[:rel.rindex("/") + 1] not in scanned]
-        return suspects, foreign, seen, drift
+        return suspects, foreign, seen, drift, processes
 
     def _verify_file(self, rel: str) -> tuple[int, str | None, str] | None:
         """(size, format or None, why not an image) for a file on disk; None if it is gone
@@ -904,7 +933,7 @@ def _scan_in_parallel(ledger: str, base: str, names: list[str]):
     if (sys.platform != "linux" or workers < 2 or len(names) < 2 * workers
             or threading.active_count() > 1):
         result = [_scan_users(ledger, base, names)]
-        return lambda: result
+        return (lambda: result), 1
     import multiprocessing
 
     pool = multiprocessing.get_context("fork").Pool(workers)
@@ -917,7 +946,7 @@ def _scan_in_parallel(ledger: str, base: str, names: list[str]):
             pool.close()
             pool.join()
 
-    return wait
+    return wait, workers
 
 
 def _scandir(path: str | os.PathLike) -> Iterable[os.DirEntry]:
@@ -937,8 +966,11 @@ def _fsync_dir(path: Path) -> None:
     """Make the rename itself durable (POSIX; Windows cannot open folders)."""
     if os.name != "posix":
         return
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot make the new image durable in {path}: {exc.strerror or exc}") from exc
