@@ -18,10 +18,12 @@ from .errors import (
     Busy,
     ConfigError,
     DailyLimitReached,
+    FileInUse,
     GlobalQuotaExceeded,
     InvalidInput,
     NotFound,
     QuotaExceeded,
+    ReadOnlyStore,
     StorageError,
     UserQuotaExceeded,
 )
@@ -40,9 +42,9 @@ from .storage.quota import Limits, QuotaManager, Reservation
 
 __all__ = [
     "AbbyError", "ApiRejected", "AuthError", "Busy", "ContentFiltered", "GeneratedImage", "ImageGenerator",
-    "ImageRequest", "InsufficientCredits", "ProviderError", "ProviderUnavailable", "RateLimited", "CheckReport", "CleanupReport", "ConfigError", "DailyLimitReached",
+    "ImageRequest", "InsufficientCredits", "ProviderError", "ProviderUnavailable", "RateLimited", "CheckReport", "CleanupReport", "ConfigError", "DailyLimitReached", "FileInUse",
     "GlobalQuotaExceeded", "InvalidInput", "Limits", "NotFound", "QuotaExceeded", "QuotaManager",
-    "Reservation", "Settings", "StorageError", "StorageManager", "StoredImage", "UserQuotaExceeded",
+    "ReadOnlyStore", "Reservation", "Settings", "StorageError", "StorageManager", "StoredImage", "UserQuotaExceeded",
     "load_settings", "__version__",
 ]
 
