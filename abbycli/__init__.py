@@ -12,52 +12,37 @@ import logging
 # (the CLI adds a rotating file); without this, Python would print warnings to stderr.
 logging.getLogger("abby").addHandler(logging.NullHandler())
 
-from .config import Settings, load_settings
-from .errors import (
-    AbbyError,
-    Busy,
-    ConfigError,
-    DailyLimitReached,
-    FileInUse,
-    GlobalQuotaExceeded,
-    InvalidInput,
-    NotFound,
-    QuotaExceeded,
-    ReadOnlyStore,
-    StorageError,
-    UserQuotaExceeded,
-)
-from .errors import (
-    ApiRejected,
-    AuthError,
-    ContentFiltered,
-    InsufficientCredits,
-    ProviderError,
-    ProviderUnavailable,
-    RateLimited,
-)
-from .storage.manager import CheckReport, CleanupReport, StorageManager, StoredImage
-from .storage.quota import Limits, QuotaManager, Reservation
+# Every public name, with the module that defines it. They load on first use
+# (PEP 562), so `import abbycli` costs almost nothing: a bot that only stores
+# images never loads the generation code, and the command line can catch a
+# Ctrl-C from its very first moment.
+_EXPORTS = {
+    "Settings": "config", "load_settings": "config",
+    "StorageManager": "storage.manager", "StoredImage": "storage.manager",
+    "CheckReport": "storage.manager", "CleanupReport": "storage.manager",
+    "Limits": "storage.quota", "QuotaManager": "storage.quota", "Reservation": "storage.quota",
+    "ImageGenerator": "generation.generator",
+    "ImageRequest": "generation.request", "GeneratedImage": "generation.request",
+    **{name: "errors" for name in (
+        "AbbyError", "ApiRejected", "AuthError", "Busy", "ConfigError", "ContentFiltered", "DailyLimitReached",
+        "FileInUse", "GlobalQuotaExceeded", "InsufficientCredits", "InvalidInput", "NotFound", "ProviderError",
+        "ProviderUnavailable", "QuotaExceeded", "RateLimited", "ReadOnlyStore", "StorageError",
+        "UserQuotaExceeded")},
+}
 
-
-__all__ = [
-    "AbbyError", "ApiRejected", "AuthError", "Busy", "ContentFiltered", "GeneratedImage", "ImageGenerator",
-    "ImageRequest", "InsufficientCredits", "ProviderError", "ProviderUnavailable", "RateLimited", "CheckReport", "CleanupReport", "ConfigError", "DailyLimitReached", "FileInUse",
-    "GlobalQuotaExceeded", "InvalidInput", "Limits", "NotFound", "QuotaExceeded", "QuotaManager",
-    "ReadOnlyStore", "Reservation", "Settings", "StorageError", "StorageManager", "StoredImage", "UserQuotaExceeded",
-    "load_settings", "__version__",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str):
-    # The generation classes load on first use, so admin commands and a bot
-    # that only stores images never pay for them.
-    if name == "ImageGenerator":
-        from .generation.generator import ImageGenerator
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'abbycli' has no attribute {name!r}")
+    import importlib
 
-        return ImageGenerator
-    if name in ("ImageRequest", "GeneratedImage"):
-        from .generation import request
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(request, name)
-    raise AttributeError(f"module 'abbycli' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return __all__

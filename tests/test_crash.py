@@ -73,8 +73,12 @@ def test_killed_while_holding_a_reservation(root):
 def test_killed_at_random_moments_while_saving(root):
     rng = random.Random(1234)
     for _ in range(6):
+        before = len(images_on_disk(root)) if (root / "images").exists() else 0
         p = worker(root, "save-forever")
-        time.sleep(0.4 + rng.random() * 0.3)  # start-up takes ~0.3 s; then it saves in a loop
+        deadline = time.time() + 30  # start-up is slow on a loaded machine: wait for the first save
+        while time.time() < deadline and (not (root / "images").exists() or len(images_on_disk(root)) == before):
+            time.sleep(0.02)
+        time.sleep(rng.random() * 0.3)  # then kill it at a random moment of its save loop
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
     sm = StorageManager(root)

@@ -76,6 +76,21 @@ class AbbyGroup(TyperGroup):
 _interrupt_reported = False
 
 
+def _show_storage_warnings() -> None:
+    """The store logs what a person should know (a lost ledger rebuilt from the
+    disk); the log file gets it through the "abby" logger, the terminal here."""
+    import logging
+
+    class ToTerminal(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            output.warn(record.getMessage())
+
+    logger = logging.getLogger("abby.storage")
+    if not any(isinstance(h, ToTerminal) for h in logger.handlers):
+        handler = ToTerminal(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def _report_interrupt() -> None:
     global _interrupt_reported
     if not _interrupt_reported:
@@ -121,6 +136,7 @@ class State:
         if self._storage is None:
             from ..storage.manager import StorageManager
 
+            _show_storage_warnings()
             self._storage = StorageManager.from_settings(self.settings())
         return self._storage
 
