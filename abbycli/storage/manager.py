@@ -211,7 +211,14 @@ class StorageManager:
         return cls.from_settings(load_settings(config))
 
     def close(self) -> None:
+        """Close the ledger connection (a later call opens it again)."""
         self.ledger.close()
+
+    def __enter__(self) -> "StorageManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _prepare(self) -> None:
         if not self._ready:
