@@ -119,8 +119,8 @@ def _check_days(name: str, days: object, minimum: float) -> None:
     if isinstance(days, bool) or not isinstance(days, (int, float)) or not math.isfinite(days):
         raise InvalidInput(f"{name} must be a number of days, got {days!r}")
     if not minimum <= days <= MAX_DAYS:
-        low = "0" if minimum == 0 else "more than 0"
-        raise InvalidInput(f"{name} must be {low} and at most {MAX_DAYS:,} days, got {days!r}")
+        span = f"from 0 to {MAX_DAYS:,}" if minimum == 0 else f"more than 0 and at most {MAX_DAYS:,}"
+        raise InvalidInput(f"{name} must be {span} days, got {days!r}")
 
 
 _MAX_ID = 2**63 - 1  # SQLite's INTEGER range
