@@ -8,33 +8,17 @@ import httpx
 import pytest
 from PIL import Image
 
-from abbycli import DailyLimitReached, StorageManager, UserQuotaExceeded
+from abbycli import DailyLimitReached, UserQuotaExceeded
 from abbycli.errors import ContentFiltered, ProviderUnavailable
-from abbycli.generation.generator import ImageGenerator
 from abbycli.generation.imaging import read_metadata
 from abbycli.generation.request import ImageRequest
-from abbycli.pipeline import generate
-from test_stability import KEY, Recorder, err, image_bytes, ok_image
+from stability_helpers import Recorder, err, image_bytes, ok_image, run_pipeline, small_store
 
 
 @pytest.fixture
 def sm(root):
-    s = StorageManager(root, max_global_storage_mb=20, max_user_storage_mb=5, max_user_daily_gens=3,
-                       image_generation_size_mb=0.5)
-    yield s
-    s.close()
-
-
-def make_gen(recorder, key=KEY):
-    return ImageGenerator(key, "https://api.test", transport=httpx.MockTransport(recorder), wait_initial=0.001,
-                          wait_max=0.002)
-
-
-def run_pipeline(sm, recorder, req, user="alice", key=KEY, **kw):
-    async def go():
-        async with make_gen(recorder, key) as g:
-            return await generate(sm, g, req, user, **kw)
-    return asyncio.run(go())
+    with small_store(root) as store:
+        yield store
 
 
 def test_generate_stores_the_image_with_metadata_and_counts_one_slot(sm):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.parser
-import email.policy
 import io
 import json
 
@@ -18,63 +16,7 @@ from abbycli.errors import (AuthError, ConfigError, InsufficientCredits, Invalid
                             ProviderUnavailable, RateLimited)
 from abbycli.generation.generator import ImageGenerator
 from abbycli.generation.request import ImageRequest
-
-KEY = "sk-unit-secret-987"
-
-
-def image_bytes(w=64, h=64, fmt="PNG"):
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (9, 99, 199)).save(buf, fmt)
-    return buf.getvalue()
-
-
-def ok_image(w=64, h=64, fmt="png", finish="SUCCESS", seed="77"):
-    return httpx.Response(200, content=image_bytes(w, h, fmt.upper()),
-                          headers={"content-type": f"image/{fmt}", "finish-reason": finish, "seed": seed})
-
-
-def multipart(request: httpx.Request) -> tuple[dict, dict]:
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + request.headers["content-type"].encode() + b"\r\n\r\n" + request.read())
-    fields, files = {}, {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if part.get_filename() is not None:
-            files[name] = part.get_payload(decode=True)
-        else:
-            fields[name] = part.get_payload(decode=True).decode()
-    return fields, files
-
-
-class Recorder:
-    """A MockTransport handler that records requests and plays answers in order."""
-
-    def __init__(self, *answers):
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer() if callable(answer) else answer
-
-
-def gen(recorder, key=KEY, **kw):
-    kw.setdefault("wait_initial", 0.001)
-    kw.setdefault("wait_max", 0.002)
-    return ImageGenerator(key, "https://api.test", transport=httpx.MockTransport(recorder), **kw)
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def generate(g, req, **kw):
-    async with g:
-        return await g.generate(req, **kw)
-
+from stability_helpers import KEY, Recorder, err, gen, generate, image_bytes, multipart, ok_image, run
 
 # --- requests, endpoint by endpoint ------------------------------------------------------
 
@@ -278,10 +220,6 @@ def test_a_missing_key_says_how_to_set_one():
 
 
 # --- errors and retries ------------------------------------------------------------------------
-
-def err(status, **body):
-    return httpx.Response(status, json={"id": "x", "name": body.pop("name", "error"), **body})
-
 
 @pytest.mark.parametrize("response, exc, text", [
     (err(400, errors=["prompt: is required", "seed: too big"]), InvalidRequest, "prompt: is required; seed: too big"),
