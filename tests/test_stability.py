@@ -405,7 +405,7 @@ def test_a_key_with_surrounding_whitespace_is_sent_clean():
     assert rec.requests[0].headers["authorization"] == f"Bearer {KEY}"
 
 
-@pytest.mark.parametrize("bad", [f"{KEY}\rextra", f"sk-unit-sécret", f"{KEY} {KEY}", "   "])
+@pytest.mark.parametrize("bad", [f"{KEY}\rextra", "sk-unit-sécret", f"{KEY} {KEY}", "   "])
 def test_a_key_that_cannot_go_in_a_header_is_refused_without_echo(bad):
     with pytest.raises(ConfigError) as caught:
         gen(Recorder(ok_image), key=bad)

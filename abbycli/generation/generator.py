@@ -12,7 +12,7 @@ import asyncio
 from typing import Any, Awaitable, Callable
 
 from ..errors import AbbyError, ConfigError, ContentFiltered, InvalidInput, ProviderError
-from .imaging import check_size, inspect, megapixels, resize, size_of
+from .imaging import check_size, inspect, over_limit, resize, size_of
 from .local import LOCAL_FACTOR, target_size, upscale_local
 from .request import GeneratedImage, ImageRequest, validate
 from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_all
@@ -89,9 +89,8 @@ class ImageGenerator:
         """Refuse an upscale whose result abby would have to make above the pixel limit."""
         tw, th = target_size(width, height, req, NATIVE_FACTOR.get(req.mode, LOCAL_FACTOR))
         if tw * th > self.max_pixels:
-            raise InvalidInput(f"the upscaled image would be {tw}x{th} ({megapixels(tw * th)}), above the limit of "
-                               f"{megapixels(self.max_pixels)} (generation.max_megapixels); ask for a smaller "
-                               "--width or --factor")
+            raise InvalidInput(f"the upscaled image would be {tw}x{th} {over_limit(tw * th, self.max_pixels)}; "
+                               "ask for a smaller --width or --factor")
 
     @staticmethod
     def is_free(req: ImageRequest) -> bool:
@@ -101,7 +100,9 @@ class ImageGenerator:
     async def generate(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
                        progress: Progress | None = None) -> list[GeneratedImage | ProviderError]:
         """Validate and run a request; one entry per image (an image or the error it failed with)."""
-        return await self.run(self.prepare(req), user_id=user_id, concurrency=concurrency, progress=progress)
+        # prepare() decodes the input image whole: CPU work, kept off the event loop.
+        req = await asyncio.to_thread(self.prepare, req)
+        return await self.run(req, user_id=user_id, concurrency=concurrency, progress=progress)
 
     async def run(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
                   progress: Progress | None = None,
@@ -113,7 +114,7 @@ class ImageGenerator:
         caller can store the first ones while the others are still being made.
         """
         if self.is_free(req):
-            images: list[GeneratedImage | ProviderError] = [upscale_local(req)]
+            images: list[GeneratedImage | ProviderError] = [await asyncio.to_thread(upscale_local, req)]
             if on_images:
                 await on_images(images)
             return images
@@ -129,7 +130,7 @@ class ImageGenerator:
                 result = [await asyncio.to_thread(self._exact_size, req, i) for i in result]
             return result
 
-        calls = self.client.plan(req)
+        calls = await asyncio.to_thread(self.client.plan, req)  # may resize the input image
         results = await gather_all([lambda c=c: one(c) for c in calls], on_images)
         return [image for result in results for image in result]
 

@@ -89,13 +89,21 @@ def check_size(data: bytes, max_pixels: int, name: str | None = None) -> tuple[i
         raise InvalidInput(f"{who} is a damaged {fmt.upper()} image (its header gives no size)")
     w, h = size
     if w * h > max_pixels:
-        raise InvalidInput(f"{who} is {w}x{h} ({megapixels(w * h)}), above the limit of "
-                           f"{megapixels(max_pixels)} (generation.max_megapixels)")
+        raise InvalidInput(f"{who} is {w}x{h} {over_limit(w * h, max_pixels)}")
     return w, h
 
 
-def megapixels(pixels: int) -> str:
-    return f"{pixels / 1e6:.1f} megapixels" if pixels % 100_000 else f"{pixels / 1e6:g} megapixels"
+def over_limit(pixels: int, max_pixels: int) -> str:
+    """"(144 megapixels), above the limit of 40 megapixels (generation.max_megapixels)", with
+    exact pixel counts when rounding would make the two numbers read the same."""
+    size, limit = _megapixels(pixels), _megapixels(max_pixels)
+    if size == limit:
+        size, limit = f"{pixels} pixels", f"{max_pixels} pixels"
+    return f"({size}), above the limit of {limit} (generation.max_megapixels)"
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.2f}".rstrip("0").rstrip(".") + " megapixels"
 
 
 def _open(data: bytes):
