@@ -102,7 +102,7 @@ def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_j
             output.info(f"{daily['remaining']} of {daily['limit']} generations left today for {owner}.")
     sys.stdout.flush()  # the output is complete: let the caller see it now, while a Ctrl-C still means 130
     if interrupted:
-        output.error("interrupted: the images not yet made were not paid for from the daily limit")
+        output.error("interrupted; the images not yet made were given back to the daily limit")
         raise typer.Exit(130)
     if result.exit_code or copy_errors:
         raise typer.Exit(result.exit_code or 1)
@@ -371,7 +371,8 @@ def balance_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
         async with StabilityClient(g.api_key, g.api_host) as client:
             return await client.balance()
 
-    credits = asyncio.run(go())
+    with _retry_notes():
+        credits = asyncio.run(go())
     if as_json:
         output.print_json({"credits": credits})
     else:
