@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -10,7 +11,9 @@ from typing import Any
 from .errors import AbbyError, ApiRejected, ContentFiltered, QuotaExceeded
 from .storage.manager import StorageManager
 
-OUTCOMES = ("success", "filtered", "refused-limit", "rejected", "failed")
+# "interrupted": the run was stopped (Ctrl-C, a cancelled task) before this image was made;
+# its reservation was refunded.
+OUTCOMES = ("success", "filtered", "refused-limit", "rejected", "failed", "interrupted")
 COLUMNS = ("id", "at", "user_id", "operation", "provider", "model", "prompt", "seed", "duration", "bytes",
            "outcome", "error_type", "error", "image_id")
 
@@ -18,6 +21,8 @@ COLUMNS = ("id", "at", "user_id", "operation", "provider", "model", "prompt", "s
 def outcome_of(error: BaseException | None) -> str:
     if error is None:
         return "success"
+    if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
+        return "interrupted"
     if isinstance(error, ContentFiltered):
         return "filtered"
     if isinstance(error, QuotaExceeded):
@@ -50,8 +55,16 @@ def attempt(at: float, user_id: str, req, *, error: BaseException | None = None,
         "seed": image.seed if image is not None else req.seed, "duration": round(time.time() - at, 3),
         "bytes": stored.size if stored is not None else None, "outcome": outcome_of(error),
         "error_type": type(error).__name__ if error is not None else None,
-        "error": str(error) if error is not None else None, "image_id": stored.id if stored is not None else None,
+        "error": _message(error), "image_id": stored.id if stored is not None else None,
     }
+
+
+def _message(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    if outcome_of(error) == "interrupted":  # these carry no message of their own
+        return "interrupted before the image was made"
+    return str(error)
 
 
 def query(storage: StorageManager, user_id: str | None = None, since: float | None = None,

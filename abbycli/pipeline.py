@@ -7,6 +7,8 @@
    reservation is confirmed in the same transaction as the image row.
 5. Refund every reservation that did not become a stored image: failures,
    filtered images and anything interrupted.
+6. Record every attempt in the history, including the images an interruption
+   (Ctrl-C, a cancelled task) stopped before they were made ("interrupted").
 
 A local upscale costs no credits, so it takes no daily slot; it still obeys
 the storage caps.
@@ -108,23 +110,23 @@ async def generate(
     name: str | None = None,
     concurrency: int = 4,
     progress: Progress | None = None,
+    outcomes: list[ImageOutcome] | None = None,
 ) -> GenerationResult:
     """Run one request through the whole pipeline.
 
     Raises QuotaExceeded (nothing sent) or InvalidInput (nothing sent);
     per-image provider failures are reported in the result's outcomes.
+    ``outcomes``, if given, is the list the outcomes are appended to as they
+    happen: a caller whose run is interrupted (the task cancelled, Ctrl-C) still
+    knows which images were stored.
     """
-    req = generator.prepare(req)
+    # prepare() decodes the input image whole: CPU work, kept off the event loop.
+    req = await asyncio.to_thread(generator.prepare, req)
     paid = not generator.is_free(req)
     slots = daily_slots(generator, req)
     started = time.time()
-    try:
-        reservations = (await asyncio.to_thread(storage.quota.reserve_generations, user_id, slots)) if slots else []
-    except QuotaExceeded as exc:
-        await asyncio.to_thread(history.record, storage, [history.attempt(started, user_id, req, error=exc)])
-        raise
-    unsettled = list(reservations)
-    result = GenerationResult(req)
+    unsettled: list = []  # reservations not (yet) spent on a stored image
+    result = GenerationResult(req, outcomes if outcomes is not None else [])
 
     async def keep(images: list) -> None:
         """Store each image as it arrives, spending one reservation per stored image."""
@@ -138,27 +140,39 @@ async def generate(
                     "does not count against the daily limit")))
                 continue
             reservation = unsettled.pop() if paid else None
+
+            def kept(stored: StoredImage) -> None:
+                nonlocal reservation
+                result.outcomes.append(ImageOutcome(stored=stored, image=image))
+                reservation = None  # spent: the store confirmed it with the image row
+
             meta = metadata_for(req, image)
             try:
                 data = await asyncio.to_thread(embed_metadata, image.data, meta)
-                stored = await asyncio.to_thread(storage.store, data, user_id, _stem(req, name) + ".png",
-                                                 metadata=meta, reservation=reservation)
+                await _uninterrupted(kept, storage.store, data, user_id, _stem(req, name) + ".png", metadata=meta,
+                                     reservation=reservation)
             except AbbyError as exc:
-                if reservation is not None:
-                    unsettled.append(reservation)
                 result.outcomes.append(ImageOutcome(image=image, error=exc))
-                continue
-            except BaseException:
+            finally:
                 if reservation is not None:
                     unsettled.append(reservation)
-                raise
-            result.outcomes.append(ImageOutcome(stored=stored, image=image))
 
+    stopped: BaseException | None = None  # what ended the run early: a refusal or an interruption
     try:
+        if slots:
+            await _uninterrupted(unsettled.extend, storage.quota.reserve_generations, user_id, slots)
         await generator.run(req, user_id=user_id, concurrency=concurrency, progress=progress, on_images=keep)
+    except (QuotaExceeded, asyncio.CancelledError, KeyboardInterrupt) as exc:
+        stopped = exc
+        raise
     finally:
         attempts = [history.attempt(started, user_id, req, error=o.error, image=o.image, stored=o.stored)
                     for o in result.outcomes]
+        if isinstance(stopped, QuotaExceeded):  # refused whole, before anything was sent
+            attempts.append(history.attempt(started, user_id, req, error=stopped))
+        elif stopped is not None:  # interrupted: one row for each image that was never made
+            missing = max(0, expected_images(req) - len(result.outcomes))
+            attempts += [history.attempt(started, user_id, req, error=stopped)] * missing
         await asyncio.to_thread(history.record, storage, attempts)
         for o in result.outcomes:
             if o.error is not None:
@@ -170,3 +184,24 @@ async def generate(
             except AbbyError:
                 pass  # the reservation expires and `abby check --fix` releases it
     return result
+
+
+def expected_images(req: ImageRequest) -> int:
+    """How many images a request asks for, so how many outcomes it has when it runs to the end."""
+    return req.count if req.operation != "upscale" else 1
+
+
+async def _uninterrupted(on_result, fn, *args, **kwargs) -> None:
+    """Run the ledger call ``fn`` in a thread and give its result to ``on_result``, even if
+    this task is cancelled meanwhile: the thread cannot be stopped, so what it did (an image
+    stored, slots reserved) must be accounted for. The cancellation goes on afterwards."""
+    job = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        value = await asyncio.shield(job)
+    except asyncio.CancelledError:
+        try:
+            on_result(await job)
+        except Exception:
+            pass  # it failed: nothing to account for
+        raise
+    on_result(value)

@@ -5,7 +5,7 @@ versus JSON bodies, required fields, enums and ranges, and answers the way the
 real API does (raw image bytes with finish-reason and seed headers for
 v2beta, base64 artifacts for v1, a job id and 202 polling for the creative
 upscale). A test can queue scripted answers (``server.script``), make images
-come back filtered, and add latency. It counts TCP connections, so tests can
+come back filtered, and add latency (to every answer, or to chosen ones). It counts TCP connections, so tests can
 prove that connections are reused.
 """
 
@@ -71,6 +71,7 @@ class FakeStability:
     def __init__(self, api_key: str = "sk-test-key-123", latency: float = 0.0, image_scale: int = 8):
         self.api_key = api_key
         self.latency = latency
+        self.delays: list[float] = []  # extra seconds before each answer, in order (then none)
         self.image_scale = image_scale  # real sizes divided by this, to keep tests fast
         self.requests: list[dict[str, Any]] = []
         self.script: list[tuple[int, dict[str, str], bytes | dict]] = []  # answers to give before normal ones
@@ -125,8 +126,9 @@ class FakeStability:
         with self._lock:
             self.requests.append(record)
             scripted = self.script.pop(0) if self.script else None
-        if self.latency:
-            time.sleep(self.latency)
+            delay = self.latency + (self.delays.pop(0) if self.delays else 0.0)
+        if delay:
+            time.sleep(delay)
         if "rejected" in record:
             return self._send_error(h, 400, record["rejected"])
         if scripted is not None:

@@ -12,11 +12,16 @@ from abbycli.generation.request import ImageRequest
 from abbycli.history import query, stats
 from conftest import make_png, run_abby, write_config
 from fake_stability import FakeStability
-from test_pipeline import run_pipeline, sm  # noqa: F401  (the fixture)
-from test_stability import Recorder, err, ok_image
+from stability_helpers import Recorder, err, ok_image, run_pipeline, small_store
 
 
-def test_every_attempt_is_recorded_with_its_outcome(sm):  # noqa: F811
+@pytest.fixture
+def sm(root):
+    with small_store(root) as store:
+        yield store
+
+
+def test_every_attempt_is_recorded_with_its_outcome(sm):
     run_pipeline(sm, Recorder(lambda: ok_image(seed="42")), ImageRequest("text-to-image", prompt="a fox", count=2))
     run_pipeline(sm, Recorder(lambda: ok_image(finish="CONTENT_FILTERED")), ImageRequest("text-to-image", prompt="b"))
     with pytest.raises(DailyLimitReached):
@@ -34,7 +39,7 @@ def test_every_attempt_is_recorded_with_its_outcome(sm):  # noqa: F811
     assert query(sm, since=time.time() + 60) == []
 
 
-def test_stats_per_day_outcomes_top_users_and_limit_hits(sm):  # noqa: F811
+def test_stats_per_day_outcomes_top_users_and_limit_hits(sm):
     run_pipeline(sm, Recorder(ok_image), ImageRequest("text-to-image", prompt="a", count=2))
     run_pipeline(sm, Recorder(ok_image), ImageRequest("text-to-image", prompt="b"), user="bob")
     with pytest.raises(DailyLimitReached):

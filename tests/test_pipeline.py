@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
 import pytest
 from PIL import Image
 
-from abbycli import DailyLimitReached, StorageManager, UserQuotaExceeded
+from abbycli import DailyLimitReached, UserQuotaExceeded
 from abbycli.errors import ContentFiltered, ProviderUnavailable
-from abbycli.generation.generator import ImageGenerator
 from abbycli.generation.imaging import read_metadata
 from abbycli.generation.request import ImageRequest
+from abbycli.history import query
 from abbycli.pipeline import generate
-from test_stability import KEY, Recorder, err, image_bytes, ok_image
+from stability_helpers import Recorder, err, gen, image_bytes, ok_image, run_pipeline, small_store
 
 
 @pytest.fixture
 def sm(root):
-    s = StorageManager(root, max_global_storage_mb=20, max_user_storage_mb=5, max_user_daily_gens=3,
-                       image_generation_size_mb=0.5)
-    yield s
-    s.close()
-
-
-def make_gen(recorder, key=KEY):
-    return ImageGenerator(key, "https://api.test", transport=httpx.MockTransport(recorder), wait_initial=0.001,
-                          wait_max=0.002)
-
-
-def run_pipeline(sm, recorder, req, user="alice", key=KEY, **kw):
-    async def go():
-        async with make_gen(recorder, key) as g:
-            return await generate(sm, g, req, user, **kw)
-    return asyncio.run(go())
+    with small_store(root) as store:
+        yield store
 
 
 def test_generate_stores_the_image_with_metadata_and_counts_one_slot(sm):
@@ -144,3 +132,58 @@ def test_jpeg_and_webp_carry_their_metadata_as_xmp(sm, fmt):
         img.load()
         assert b"abby:parameters" in (img.info["xmp"] if isinstance(img.info["xmp"], bytes)
                                       else img.info["xmp"].encode())
+
+
+def cancel_when(sm, recorder, req, ready, **kw):
+    """Run the pipeline as a task, cancel it once ``ready()`` is true, return (outcomes, error)."""
+    outcomes = []
+
+    async def go():
+        async with gen(recorder) as g:
+            task = asyncio.ensure_future(generate(sm, g, req, "alice", outcomes=outcomes, **kw))
+            while not ready():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+    return outcomes
+
+
+def test_a_cancelled_run_records_each_unmade_image_and_refunds_it(sm):
+    hang = asyncio.Event()
+
+    async def handler(request):
+        if handler.calls:
+            await hang.wait()  # every request after the first never ends
+        handler.calls += 1
+        return ok_image()
+
+    handler.calls = 0
+    outcomes = cancel_when(sm, handler, ImageRequest("text-to-image", prompt="x", count=3),
+                           lambda: sm.list_images() and handler.calls >= 1, concurrency=1)
+    assert [o.stored is not None for o in outcomes] == [True]
+    assert sorted(r["outcome"] for r in query(sm)) == ["interrupted", "interrupted", "success"]
+    assert {r["error"] for r in query(sm) if r["outcome"] == "interrupted"} == {"interrupted before the image was made"}
+    status = sm.get_quota_status("alice")
+    assert (status["daily"]["used"], status["daily"]["in_progress"]) == (1, 0)
+    assert status["user"]["reserved_bytes"] == 0
+
+
+def test_an_image_being_written_when_cancelled_is_kept_and_reported(sm, monkeypatch):
+    writing = threading.Event()
+    real_store = sm.store
+
+    def slow_store(*args, **kwargs):
+        writing.set()
+        time.sleep(0.3)  # the cancel arrives while the thread writes
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(sm, "store", slow_store)
+    outcomes = cancel_when(sm, Recorder(ok_image), ImageRequest("text-to-image", prompt="x"), writing.is_set)
+    [outcome] = outcomes
+    assert outcome.stored is not None and outcome.stored.path.is_file()
+    status = sm.get_quota_status("alice")
+    assert (status["daily"]["used"], status["daily"]["in_progress"], status["user"]["reserved_bytes"]) == (1, 0, 0)
+    assert [r["outcome"] for r in query(sm)] == ["success"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.parser
-import email.policy
 import io
 import json
 
@@ -18,63 +16,7 @@ from abbycli.errors import (AuthError, ConfigError, InsufficientCredits, Invalid
                             ProviderUnavailable, RateLimited)
 from abbycli.generation.generator import ImageGenerator
 from abbycli.generation.request import ImageRequest
-
-KEY = "sk-unit-secret-987"
-
-
-def image_bytes(w=64, h=64, fmt="PNG"):
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (9, 99, 199)).save(buf, fmt)
-    return buf.getvalue()
-
-
-def ok_image(w=64, h=64, fmt="png", finish="SUCCESS", seed="77"):
-    return httpx.Response(200, content=image_bytes(w, h, fmt.upper()),
-                          headers={"content-type": f"image/{fmt}", "finish-reason": finish, "seed": seed})
-
-
-def multipart(request: httpx.Request) -> tuple[dict, dict]:
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + request.headers["content-type"].encode() + b"\r\n\r\n" + request.read())
-    fields, files = {}, {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if part.get_filename() is not None:
-            files[name] = part.get_payload(decode=True)
-        else:
-            fields[name] = part.get_payload(decode=True).decode()
-    return fields, files
-
-
-class Recorder:
-    """A MockTransport handler that records requests and plays answers in order."""
-
-    def __init__(self, *answers):
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer() if callable(answer) else answer
-
-
-def gen(recorder, key=KEY, **kw):
-    kw.setdefault("wait_initial", 0.001)
-    kw.setdefault("wait_max", 0.002)
-    return ImageGenerator(key, "https://api.test", transport=httpx.MockTransport(recorder), **kw)
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def generate(g, req, **kw):
-    async with g:
-        return await g.generate(req, **kw)
-
+from stability_helpers import KEY, Recorder, err, gen, generate, image_bytes, multipart, ok_image, run
 
 # --- requests, endpoint by endpoint ------------------------------------------------------
 
@@ -279,10 +221,6 @@ def test_a_missing_key_says_how_to_set_one():
 
 # --- errors and retries ------------------------------------------------------------------------
 
-def err(status, **body):
-    return httpx.Response(status, json={"id": "x", "name": body.pop("name", "error"), **body})
-
-
 @pytest.mark.parametrize("response, exc, text", [
     (err(400, errors=["prompt: is required", "seed: too big"]), InvalidRequest, "prompt: is required; seed: too big"),
     (err(422, errors=["your prompt is too long"]), InvalidRequest, "your prompt is too long"),
@@ -389,3 +327,157 @@ def test_seed_facade_returns_tuples_and_never_raises():
 def test_the_key_is_in_no_repr():
     g = gen(Recorder(ok_image))
     assert KEY not in repr(g) and KEY not in repr(g.client)
+
+
+# --- hardening: pixel limits, clean messages, the key, retries ------------------------------
+
+def huge_png(side=12000):
+    """A real 144-megapixel PNG of about 17 KB: cheap to hold, ruinous to decode and upscale."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def huge():
+    return huge_png()
+
+
+@pytest.mark.parametrize("req", [
+    ImageRequest("upscale", mode="local"),
+    ImageRequest("upscale", mode="fast"),
+    ImageRequest("image-to-image", prompt="x", model="ultra"),
+])
+def test_an_input_above_the_pixel_limit_is_refused_from_its_header(huge, req):
+    import warnings
+
+    rec = Recorder(ok_image)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(InvalidInput, match=r"photo\.png is 12000x12000 \(144 megapixels\), above the limit "
+                                               r"of 40 megapixels \(generation\.max_megapixels\)"):
+            gen(rec).prepare(req.with_(image=huge, image_name="photo.png"))
+    assert seen == [] and rec.requests == []  # Pillow never even opened it
+
+
+@pytest.mark.parametrize("req, size", [
+    (ImageRequest("upscale", mode="local", width=1_000_000), "1000000x500000"),
+    (ImageRequest("upscale", mode="local", factor=16), "32000x16000"),
+    (ImageRequest("upscale", mode="fast"), "8000x4000"),  # 4x by default, made exact locally
+])
+def test_an_upscale_beyond_the_pixel_limit_is_refused_before_any_work(req, size):
+    rec = Recorder(ok_image)
+    g = gen(rec, max_megapixels=30)
+    with pytest.raises(InvalidInput, match=f"the upscaled image would be {size} .*above the limit of 30 megapixels"):
+        run(generate(g, req.with_(image=image_bytes(2000, 1000))))
+    assert rec.requests == []
+    [image] = run(generate(gen(rec), ImageRequest("upscale", mode="local", image=image_bytes(1000, 500))))
+    assert image.data  # 2000x1000 is within the default limit of 40
+
+
+def test_a_raised_limit_lets_pillow_decode_without_its_bomb_warning(huge):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        req = gen(Recorder(ok_image), max_megapixels=150).prepare(
+            ImageRequest("image-to-image", prompt="x", model="ultra", image=huge))
+    assert req.checked and seen == []
+
+
+@pytest.mark.parametrize("data", [image_bytes()[:60], image_bytes()[:33] + b"\0" * 50, b"\x89PNG\r\n\x1a\nxx"])
+def test_a_broken_input_is_named_in_a_clean_message(data):
+    with pytest.raises(InvalidInput) as caught:
+        gen(Recorder(ok_image)).prepare(ImageRequest("upscale", mode="local", image=data, image_name="photo.png"))
+    message = str(caught.value)
+    assert message.startswith("photo.png is a damaged PNG image (") and "0x" not in message and "<" not in message
+
+
+@pytest.mark.parametrize("model, bound", [("core", 4294967294), ("stable-diffusion-xl-1024-v1-0", 4294967295)])
+def test_the_seed_bound_is_printed_as_an_exact_integer(model, bound):
+    with pytest.raises(InvalidInput, match=f"seed must be between 0 and {bound} .*got {bound + 1}$"):
+        gen(Recorder(ok_image)).prepare(ImageRequest("text-to-image", prompt="x", model=model, seed=bound + 1))
+
+
+def test_a_key_with_surrounding_whitespace_is_sent_clean():
+    rec = Recorder(ok_image)
+    run(generate(gen(rec, key=f" {KEY}\t\r\n"), ImageRequest("text-to-image", prompt="x")))
+    assert rec.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("bad", [f"{KEY}\rextra", "sk-unit-sécret", f"{KEY} {KEY}", "   "])
+def test_a_key_that_cannot_go_in_a_header_is_refused_without_echo(bad):
+    with pytest.raises(ConfigError) as caught:
+        gen(Recorder(ok_image), key=bad)
+    assert caught.value.exit_code == 2 and "API key" in str(caught.value)
+    assert "sk-unit" not in str(caught.value)
+
+
+def test_a_header_the_http_library_refuses_is_not_retried_nor_echoed():
+    from abbycli.errors import ProviderError
+
+    rec = Recorder(httpx.LocalProtocolError(f"Illegal header value b'Bearer {KEY}\\r'"))
+    [result] = run(generate(gen(rec), ImageRequest("text-to-image", prompt="x")))
+    assert type(result) is ProviderError and len(rec.requests) == 1
+    assert KEY not in str(result) and "Bearer" not in str(result)
+
+
+@pytest.mark.parametrize("response", [
+    err(400, errors=[f"invalid header: authorization: Bearer {KEY}"]),
+    err(401, message=f"key {KEY} is not valid"),
+    httpx.Response(502, text=f"<html>upstream said: Authorization: Bearer {KEY}</html>"),
+    httpx.Response(500, text="x" * 190 + KEY),  # a key cut by the 200-character limit leaks no part of it
+])
+def test_a_key_echoed_in_an_error_body_is_redacted_where_the_error_is_made(response):
+    rec = Recorder(response)
+    [result] = run(generate(gen(rec, max_attempts=1), ImageRequest("text-to-image", prompt="x")))
+    assert KEY[:10] not in str(result) and "********" in str(result)
+
+
+def test_a_connection_error_message_is_redacted():
+    rec = Recorder(httpx.ConnectError(f"failed while sending Bearer {KEY}"))
+    [result] = run(generate(gen(rec, max_attempts=1), ImageRequest("text-to-image", prompt="x")))
+    assert isinstance(result, ProviderUnavailable) and KEY not in str(result)
+
+
+def test_each_retry_is_logged_with_its_wait_and_reason(monkeypatch, caplog):
+    sleeps = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds, *a):
+        sleeps.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    caplog.set_level("INFO", logger="abby")
+    rec = Recorder(httpx.Response(429, headers={"Retry-After": "7"}, json={"errors": ["slow down"]}))
+    [result] = run(generate(gen(rec, max_attempts=3), ImageRequest("text-to-image", prompt="x")))
+    assert isinstance(result, RateLimited) and len(rec.requests) == 3
+    retries = [r for r in caplog.records if r.name == "abby.stability"]
+    assert [r.getMessage() for r in retries] == [
+        f"POST /v2beta/stable-image/generate/core failed: the API is rate-limiting requests (429): slow down; "
+        f"retrying in 7.0 s (attempt {n} of 3)" for n in (2, 3)]  # none after the last attempt
+    assert sleeps == [7.0, 7.0]  # the wait logged is the wait taken
+    assert all(r.levelname == "WARNING" for r in retries)
+
+
+def test_retries_stop_at_the_time_budget_without_a_false_promise(caplog):
+    caplog.set_level("INFO", logger="abby")
+    rec = Recorder(httpx.Response(503, headers={"Retry-After": "5"}, json={"errors": ["busy"]}))
+    [result] = run(generate(gen(rec, retry_timeout=1.0), ImageRequest("text-to-image", prompt="x")))
+    assert isinstance(result, ProviderUnavailable) and len(rec.requests) == 1
+    assert not [r for r in caplog.records if r.name == "abby.stability"]
+
+
+def test_the_generator_is_an_async_context_manager_that_closes_its_pool():
+    g = gen(Recorder(ok_image))
+
+    async def go():
+        async with g as same:
+            assert same is g
+            await g.generate(ImageRequest("text-to-image", prompt="x"))
+            assert g.client._client is not None
+        assert g.client._client is None
+        await g.aclose()  # closing twice is harmless
+
+    run(go())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +46,7 @@ def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_j
     import asyncio
 
     from ..generation.generator import ImageGenerator
-    from ..pipeline import generate
+    from ..pipeline import GenerationResult, generate
 
     st = state(ctx)
     owner = st.user(user)
@@ -53,23 +54,38 @@ def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_j
     storage = st.storage()
     generator = ImageGenerator.from_settings(settings)
     req = generator.prepare(req)  # every value checked before anything else happens
+    if out is not None:
+        _check_out(out)  # before any credit is spent
     if dry_run:
-        _dry_run(generator, storage, req, owner, as_json)
+        if _dry_run(generator, storage, req, owner, as_json):
+            raise typer.Exit(3)  # the real run would be refused by a limit
         return
+
+    outcomes: list = []  # filled as images are stored, so an interruption still shows them
 
     async def go():
         async with generator:
             with output.activity(f"{_verb(req)} for {owner}", enabled=not as_json) as progress:
                 return await generate(storage, generator, req, owner, name=name, concurrency=concurrency,
-                                      progress=progress)
+                                      progress=progress, outcomes=outcomes)
 
-    result = asyncio.run(go())
-    copies = _copy_out(result, out) if out else {}
+    interrupted = False
+    with _retry_notes(quiet_stamina=not generator.is_free(req)):
+        try:
+            result = asyncio.run(go())
+        except KeyboardInterrupt:
+            # asyncio.run cancelled the pipeline, which recorded the unfinished images as
+            # interrupted and refunded their reservations; show what was stored all the same.
+            interrupted = True
+            result = GenerationResult(req, outcomes)
+    _late_interrupts_exit_130()
+    copies, copy_errors = _copy_out(result, out) if out else ({}, {})
     if as_json:
         images = [o.to_dict() | ({"out": str(copies[i])} if i in copies else {})
+                  | ({"out_error": copy_errors[i]} if i in copy_errors else {})
                   for i, o in enumerate(result.outcomes)]
         output.print_json({"user_id": owner, "operation": req.operation, "images": images,
-                           "quota": storage.get_quota_status(owner)})
+                           "quota": storage.get_quota_status(owner)} | ({"interrupted": True} if interrupted else {}))
     else:
         for i, o in enumerate(result.outcomes):
             for note in o.image.notes if o.image else []:
@@ -84,8 +100,59 @@ def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_j
         daily = storage.get_quota_status(owner)["daily"]
         if not generator.is_free(req):
             output.info(f"{daily['remaining']} of {daily['limit']} generations left today for {owner}.")
-    if result.exit_code:
-        raise typer.Exit(result.exit_code)
+    sys.stdout.flush()  # the output is complete: let the caller see it now, while a Ctrl-C still means 130
+    if interrupted:
+        output.error("interrupted; the images not yet made were given back to the daily limit")
+        raise typer.Exit(130)
+    if result.exit_code or copy_errors:
+        raise typer.Exit(result.exit_code or 1)
+
+
+def _late_interrupts_exit_130() -> None:
+    """From here on the work is done: a Ctrl-C ends the process with 130 at once. Without
+    this, a Ctrl-C while Python shuts down (where it has put back the system's default
+    handler) kills the process by signal, which a shell or script sees as -2, not 130."""
+    import atexit
+    import os
+    import signal
+
+    def leave(*_):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, leave)
+    # The last stretch of the shutdown runs no Python handler at all; an ignored signal stays ignored.
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
+
+class _retry_notes:
+    """While a generation runs: one note on stderr for each retry the client logs (stdout,
+    and so --json, stays clean), and stamina's own retry instrumentation switched off,
+    since abby reports retries itself (stamina would log "stamina.retry_scheduled" to
+    stderr, or to stdout when structlog is installed)."""
+
+    def __init__(self, quiet_stamina: bool = True):
+        import logging
+
+        self.quiet_stamina = quiet_stamina
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda record: output.note(record.getMessage())
+
+    def __enter__(self):
+        from ..generation.stability import log
+
+        if self.quiet_stamina:
+            from stamina.instrumentation import set_on_retry_hooks
+
+            set_on_retry_hooks([])
+        log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        from ..generation.stability import log
+
+        log.removeHandler(self.handler)
 
 
 def _verb(req) -> str:
@@ -95,7 +162,8 @@ def _verb(req) -> str:
     return f"generating {count} with {req.model}"
 
 
-def _dry_run(generator, storage, req, owner: str, as_json: bool) -> None:
+def _dry_run(generator, storage, req, owner: str, as_json: bool) -> bool:
+    """Print what a real run would send and its quota impact; True if a limit would refuse it."""
     from ..errors import DailyLimitReached, UserQuotaExceeded
     from ..pipeline import daily_slots
 
@@ -115,7 +183,7 @@ def _dry_run(generator, storage, req, owner: str, as_json: bool) -> None:
     if as_json:
         output.print_json({"dry_run": True, "user_id": owner, "requests": requests,
                            "local": free, "quota": impact})
-        return
+        return refusal is not None
     if free:
         output.info(f"local upscale (Pillow LANCZOS, offline, no credits) to "
                     f"{f'width {req.width}' if req.width else f'factor {req.factor or 2:g}'}")
@@ -127,11 +195,31 @@ def _dry_run(generator, storage, req, owner: str, as_json: bool) -> None:
             output.info(f"  {k} = {v}")
     output.info(f"quota: {slots} daily generation(s) of {status['daily']['remaining']} left, "
                 f"{human_size(reserve)} reserved" + (f"; WOULD BE REFUSED by {refusal}" if refusal else ""))
+    return refusal is not None
 
 
-def _copy_out(result, out: Path) -> dict[int, Path]:
-    """Copy each stored image (or an image that could not be stored: it was paid for) to --out."""
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot be written, before any credit is spent. Nothing is created
+    here: the nearest folder that exists is probed with a temporary file."""
+    import tempfile
+
+    folder = out if out.is_dir() or not out.suffix else out.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInput(f"cannot write to --out {out}: {existing} is not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise InvalidInput(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def _copy_out(result, out: Path) -> tuple[dict[int, Path], dict[int, str]]:
+    """Copy each stored image (or an image that could not be stored: it was paid for) to --out.
+    Returns the copies made and, for the images that could not be copied, why."""
     copies: dict[int, Path] = {}
+    errors: dict[int, str] = {}
     done = [(i, o) for i, o in enumerate(result.outcomes) if o.stored or (o.image and not o.image.filtered)]
     for n, (i, o) in enumerate(done, start=1):
         ext = "." + (o.stored.format if o.stored else o.image.format).replace("jpeg", "jpg")
@@ -149,10 +237,11 @@ def _copy_out(result, out: Path) -> dict[int, Path]:
             else:
                 target.write_bytes(o.image.data)
         except OSError as exc:
-            output.error(f"cannot write {target}: {exc.strerror or exc}")
+            errors[i] = f"cannot write {target}: {exc.strerror or exc}"
+            output.error(errors[i] + ("; the image stays stored" if o.stored else ""))
             continue
         copies[i] = target
-    return copies
+    return copies, errors
 
 
 def generate_cmd(
@@ -196,9 +285,9 @@ def img2img_cmd(
     """Generate images from an image and a prompt."""
     from ..generation.request import ImageRequest
 
-    req = ImageRequest("image-to-image", prompt=prompt, image=_read_image(image), model=model, strength=strength,
-                       style_preset=style, negative_prompt=negative, seed=seed, output_format=fmt, count=count,
-                       cfg_scale=cfg_scale, steps=steps)
+    req = ImageRequest("image-to-image", prompt=prompt, image=_read_image(image), image_name=str(image), model=model,
+                       strength=strength, style_preset=style, negative_prompt=negative, seed=seed, output_format=fmt,
+                       count=count, cfg_scale=cfg_scale, steps=steps)
     _run(ctx, req, user, out, as_json, dry_run, concurrency)
 
 
@@ -226,9 +315,9 @@ def upscale_cmd(
     """
     from ..generation.request import ImageRequest
 
-    req = ImageRequest("upscale", image=_read_image(image), mode=mode, width=width, factor=factor, prompt=prompt,
-                       negative_prompt=negative, seed=seed, style_preset=style, creativity=creativity,
-                       output_format=fmt)
+    req = ImageRequest("upscale", image=_read_image(image), image_name=str(image), mode=mode, width=width,
+                       factor=factor, prompt=prompt, negative_prompt=negative, seed=seed, style_preset=style,
+                       creativity=creativity, output_format=fmt)
     _run(ctx, req, user, out, as_json, dry_run, 1, name=f"{image.stem}-upscaled")
 
 
@@ -282,7 +371,8 @@ def balance_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
         async with StabilityClient(g.api_key, g.api_host) as client:
             return await client.balance()
 
-    credits = asyncio.run(go())
+    with _retry_notes():
+        credits = asyncio.run(go())
     if as_json:
         output.print_json({"credits": credits})
     else:

@@ -56,7 +56,7 @@ def history_cmd(
 
 
 _OUTCOME_STYLE = {"success": "green", "filtered": "yellow", "refused-limit": "yellow", "rejected": "red",
-                  "failed": "red"}
+                  "failed": "red", "interrupted": "yellow"}
 
 
 def stats_cmd(

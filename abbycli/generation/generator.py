@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
-from ..errors import AbbyError, ConfigError, ContentFiltered, ProviderError
-from .imaging import inspect, resize, size_of
-from .local import target_size, upscale_local
+from ..errors import AbbyError, ConfigError, ContentFiltered, InvalidInput, ProviderError
+from .imaging import check_size, inspect, over_limit, resize, size_of
+from .local import LOCAL_FACTOR, target_size, upscale_local
 from .request import GeneratedImage, ImageRequest, validate
 from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_all
 
@@ -31,19 +31,23 @@ class ImageGenerator:
         model: str = "core",
         img2img_model: str = "sd3.5-large",
         upscale_mode: str | None = None,
+        max_megapixels: float = 40,
         **client_options: Any,
     ):
         self.client = StabilityClient(api_key, api_host, transport=transport, **client_options)
         self.model = model
         self.img2img_model = img2img_model
         # A fresh machine without a key can still upscale: locally.
-        self.upscale_mode = upscale_mode or ("fast" if api_key else "local")
+        self.upscale_mode = upscale_mode or ("fast" if self.client.has_key else "local")
+        # The largest image read as an input or made here (a local upscale, an exact-size resize).
+        self.max_pixels = int(max_megapixels * 1_000_000)
 
     @classmethod
     def from_settings(cls, settings, **options: Any) -> "ImageGenerator":
         g = settings.generation
         return cls(g.api_key, g.api_host, model=g.model, img2img_model=g.img2img_model,
-                   upscale_mode=g.upscale_mode, poll_timeout=g.upscale_timeout, **options)
+                   upscale_mode=g.upscale_mode, max_megapixels=g.max_megapixels, poll_timeout=g.upscale_timeout,
+                   **options)
 
     def __repr__(self) -> str:
         return f"ImageGenerator(api_host={self.client.host!r}, model={self.model!r})"
@@ -74,8 +78,19 @@ class ImageGenerator:
         if not self.is_free(req) and not self.client.has_key:
             raise ConfigError(f"no Stability API key: {KEY_HELP}")
         if req.image is not None:
-            inspect(req.image)  # a broken input image is refused before any credit is spent
+            # The size limit is applied from the header, before Pillow decodes a single pixel.
+            width, height = check_size(req.image, self.max_pixels, req.image_name)
+            inspect(req.image, name=req.image_name)  # a broken input image is refused before any credit is spent
+            if req.operation == "upscale":
+                self._check_output(req, width, height)
         return req.with_(checked=True)
+
+    def _check_output(self, req: ImageRequest, width: int, height: int) -> None:
+        """Refuse an upscale whose result abby would have to make above the pixel limit."""
+        tw, th = target_size(width, height, req, NATIVE_FACTOR.get(req.mode, LOCAL_FACTOR))
+        if tw * th > self.max_pixels:
+            raise InvalidInput(f"the upscaled image would be {tw}x{th} {over_limit(tw * th, self.max_pixels)}; "
+                               "ask for a smaller --width or --factor")
 
     @staticmethod
     def is_free(req: ImageRequest) -> bool:
@@ -85,7 +100,9 @@ class ImageGenerator:
     async def generate(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
                        progress: Progress | None = None) -> list[GeneratedImage | ProviderError]:
         """Validate and run a request; one entry per image (an image or the error it failed with)."""
-        return await self.run(self.prepare(req), user_id=user_id, concurrency=concurrency, progress=progress)
+        # prepare() decodes the input image whole: CPU work, kept off the event loop.
+        req = await asyncio.to_thread(self.prepare, req)
+        return await self.run(req, user_id=user_id, concurrency=concurrency, progress=progress)
 
     async def run(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
                   progress: Progress | None = None,
@@ -97,7 +114,7 @@ class ImageGenerator:
         caller can store the first ones while the others are still being made.
         """
         if self.is_free(req):
-            images: list[GeneratedImage | ProviderError] = [upscale_local(req)]
+            images: list[GeneratedImage | ProviderError] = [await asyncio.to_thread(upscale_local, req)]
             if on_images:
                 await on_images(images)
             return images
@@ -113,7 +130,7 @@ class ImageGenerator:
                 result = [await asyncio.to_thread(self._exact_size, req, i) for i in result]
             return result
 
-        calls = self.client.plan(req)
+        calls = await asyncio.to_thread(self.client.plan, req)  # may resize the input image
         results = await gather_all([lambda c=c: one(c) for c in calls], on_images)
         return [image for result in results for image in result]
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
+import warnings
 import zlib
 from typing import Any
 from html import escape, unescape  # xml.sax.saxutils would pull in urllib and http.client
@@ -26,28 +28,129 @@ from ..storage.formats import sniff_format
 _XMP_NS = b"http://ns.adobe.com/xap/1.0/\x00"
 
 
-def inspect(data: bytes, *, from_provider: bool = False) -> tuple[str, int, int]:
-    """(format, width, height) of a PNG, JPEG or WebP, fully decoded to prove it is whole."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from a PNG, JPEG or WebP header without decoding anything, or
+    None when the header is missing or cut short. It lets a size limit be applied before
+    Pillow spends memory on the pixels (a 17 KB PNG can hold 144 megapixels)."""
+    fmt = sniff_format(data)
+    try:
+        if fmt == "png":
+            if data[12:16] == b"IHDR":
+                return struct.unpack(">II", data[16:24])
+        elif fmt == "jpeg":
+            return _jpeg_size(data)
+        elif fmt == "webp":
+            kind = data[12:16]
+            if kind == b"VP8X":  # canvas size, stored minus one in 24 bits
+                return (int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1)
+            if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if kind == b"VP8L" and data[20] == 0x2F:
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    except (struct.error, IndexError):
+        pass
+    return None
+
+
+# Start-of-frame markers carry the size; C4 (Huffman tables), C8 and CC (arithmetic coding) do not.
+_JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: no frame header came first
+            return None
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker in _JPEG_SOF:
+            h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return w, h
+        pos += 2 + length
+    return None
+
+
+def check_size(data: bytes, max_pixels: int, name: str | None = None) -> tuple[int, int]:
+    """The image's (width, height) from its header, refused with InvalidInput above ``max_pixels``
+    or when the header gives no size; nothing is decoded."""
+    who = name or "the input image"
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidInput(f"{who} is not a PNG, JPEG or WebP image")
+    size = header_size(data)
+    if size is None or 0 in size:
+        raise InvalidInput(f"{who} is a damaged {fmt.upper()} image (its header gives no size)")
+    w, h = size
+    if w * h > max_pixels:
+        raise InvalidInput(f"{who} is {w}x{h} {over_limit(w * h, max_pixels)}")
+    return w, h
+
+
+def over_limit(pixels: int, max_pixels: int) -> str:
+    """"(144 megapixels), above the limit of 40 megapixels (generation.max_megapixels)", with
+    exact pixel counts when rounding would make the two numbers read the same."""
+    size, limit = _megapixels(pixels), _megapixels(max_pixels)
+    if size == limit:
+        size, limit = f"{pixels} pixels", f"{max_pixels} pixels"
+    return f"({size}), above the limit of {limit} (generation.max_megapixels)"
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.2f}".rstrip("0").rstrip(".") + " megapixels"
+
+
+def _open(data: bytes):
+    """Pillow's Image.open on ``data``. abby applies its own pixel limit (check_size) before
+    this point, so Pillow's decompression-bomb warning, which would print to the terminal,
+    is silenced for the images abby already allowed (possible when max_megapixels is raised
+    above Pillow's 89-megapixel threshold)."""
+    from PIL import Image
+
+    size = header_size(data)
+    if Image.MAX_IMAGE_PIXELS and size and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    return Image.open(io.BytesIO(data))
+
+
+def _reason(exc: Exception) -> str:
+    """Why Pillow could not read an image, without the object reprs some of its messages
+    carry ("cannot identify image file <_io.BytesIO object at 0x…>")."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "it cannot be decoded"
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return text or type(exc).__name__
+
+
+def inspect(data: bytes, *, from_provider: bool = False, name: str | None = None) -> tuple[str, int, int]:
+    """(format, width, height) of a PNG, JPEG or WebP, fully decoded to prove it is whole.
+    ``name`` names an input in messages (a file name); the default is "the input image"."""
     error = MalformedResponse if from_provider else InvalidInput
-    who = "the API returned" if from_provider else "the input is"
+    who = "the API returned" if from_provider else f"{name or 'the input image'} is"
     fmt = sniff_format(data)
     if fmt is None:
         raise error(f"{who} not a PNG, JPEG or WebP image" + (f" ({len(data)} bytes)" if from_provider else ""))
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open(data) as img:
             img.load()  # decodes every pixel: a truncated or corrupt file fails here
             return fmt, img.width, img.height
     except Exception as exc:  # Pillow raises many types for broken data
-        raise error(f"{who} a damaged {fmt.upper()} image: {exc}") from None
+        raise error(f"{who} a damaged {fmt.upper()} image ({_reason(exc)})") from None
 
 
 def size_of(data: bytes) -> tuple[int, int]:
     """Width and height from the header alone, for images ``inspect`` has already proved whole."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
+    with _open(data) as img:
         return img.size
 
 
@@ -55,7 +158,7 @@ def resize(data: bytes, width: int, height: int, fmt: str) -> bytes:
     """Resample to exactly width x height with LANCZOS, encoded as ``fmt``."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
+    with _open(data) as img:
         img = img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") and fmt != "jpeg" else "RGB")
         out = img.resize((width, height), Image.Resampling.LANCZOS)
         buf = io.BytesIO()

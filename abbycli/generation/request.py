@@ -60,6 +60,7 @@ class ImageRequest:
     count: int = 1
     strength: float | None = None
     image: bytes | None = field(default=None, repr=False)
+    image_name: str | None = None  # how messages name the input image (its file name); "the input image" if None
     mode: str | None = None  # upscale mode
     factor: float | None = None  # upscale factor
     creativity: float | None = None
@@ -105,9 +106,16 @@ def _choice(name: str, value: Any, allowed: tuple, where: str) -> None:
         raise InvalidInput(f"{name} {value!r} is not accepted by {where}; choose one of: {', '.join(map(str, allowed))}")
 
 
+def _num(value: float) -> str:
+    """A number as typed: whole numbers in full (4294967295, never 4.29497e+09), others short."""
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value))
+    return f"{value:g}"
+
+
 def _range(name: str, value: float | None, low: float, high: float, where: str) -> None:
     if value is not None and not (low <= value <= high):
-        raise InvalidInput(f"{name} must be between {low:g} and {high:g} for {where}, got {value:g}")
+        raise InvalidInput(f"{name} must be between {_num(low)} and {_num(high)} for {where}, got {_num(value)}")
 
 
 def _refuse(name: str, value: Any, where: str, hint: str = "") -> None:

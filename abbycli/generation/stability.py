@@ -2,9 +2,11 @@
 
 Requests are built by ``plan()`` as plain ``Call`` objects (which ``--dry-run``
 prints) and sent by ``send()``. HTTP failures become the package's exceptions
-in one place, ``_error_for``; retries happen only for 429, 5xx, time-outs and
-connection errors, with stamina's capped exponential backoff and jitter, and
-with the server's Retry-After when it gives one.
+in ``_request_once`` and ``_error_for``, and nowhere else: both scrub the API key
+(and any ``Bearer`` token) from the message, so no error can carry it further.
+Retries happen only for 429, 5xx, time-outs and connection errors, with capped
+exponential backoff and jitter, or the server's Retry-After when it gives one;
+each retry is logged on the ``abby.stability`` logger with its wait and reason.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -23,6 +27,7 @@ from .. import __version__
 from ..errors import (ApiRejected, AuthError, ConfigError, InsufficientCredits, InvalidRequest, MalformedResponse,
                       ModelNotFound, ModerationRejected, PayloadTooLarge, ProviderError, ProviderUnavailable,
                       RateLimited)
+from ..secrets import clean_api_key, redact
 from ..storage.formats import sniff_format
 from .imaging import inspect, resize, size_of
 if TYPE_CHECKING:
@@ -36,6 +41,10 @@ KEY_HELP = "set one with the STABILITY_API_KEY environment variable or `abby con
 _MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 Progress = Callable[[str], None]
+
+# Retries are reported here; they propagate to the "abby" logger, whose handlers (the CLI's
+# log file, a bot's own) receive them, and whose NullHandler keeps them off a bare stderr.
+log = logging.getLogger("abby.stability")
 
 
 @dataclass
@@ -84,12 +93,12 @@ class StabilityClient:
         poll_interval: float = 2.0,
         poll_timeout: float = 600.0,
     ):
-        self._key = api_key
+        self._key = _checked_key(api_key)
         self.host = api_host.rstrip("/")
         self._transport = transport
         self._timeout = timeout
         self._retry = {"attempts": max_attempts, "timeout": retry_timeout, "wait_initial": wait_initial,
-                       "wait_max": wait_max, "wait_jitter": wait_initial}
+                       "wait_max": wait_max}
         self.poll_interval = poll_interval
         self.poll_timeout = poll_timeout
         self._client: httpx.AsyncClient | None = None
@@ -240,10 +249,16 @@ class StabilityClient:
             return await asyncio.to_thread(self._artifacts, response, call)
         return [await asyncio.to_thread(self._image_from, response, call)]
 
-    async def _request_with_retries(self, call: Call, user_id: str | None) -> httpx.Response:
+    def _retries(self, what: str):
+        """stamina's loop for one request, with abby's policy deciding each retry and its wait."""
         import stamina
 
-        async for attempt in stamina.retry_context(on=_retry_hook, **self._retry):
+        # attempts and timeout are the policy's to enforce: stamina stopping on its own would
+        # make a logged "retrying in 4 s" untrue.
+        return stamina.retry_context(on=_RetryPolicy(what, **self._retry), attempts=None, timeout=None)
+
+    async def _request_with_retries(self, call: Call, user_id: str | None) -> httpx.Response:
+        async for attempt in self._retries(f"{call.method} {call.path}"):
             with attempt:
                 return await self._request_once(call, user_id)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -267,18 +282,22 @@ class StabilityClient:
             response = await self._http().request(method or call.method, path or call.path, **kwargs)
         except httpx.TimeoutException as exc:
             raise ProviderUnavailable(f"the API at {self.host} did not answer in time ({type(exc).__name__})") from None
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol, UnicodeEncodeError) as exc:
+            # abby could not even build the request (h11's message quotes the offending
+            # header, which may be the key): not a network failure, so never retried.
+            raise ProviderError(f"abby could not send the request to {self.host} ({type(exc).__name__}: an HTTP "
+                                "header or the URL is not valid; check generation.api_host and the API key)") from None
         except httpx.TransportError as exc:
-            raise ProviderUnavailable(f"cannot reach the API at {self.host}: {exc or type(exc).__name__}") from None
+            reason = redact(str(exc) or type(exc).__name__, self._key)
+            raise ProviderUnavailable(f"cannot reach the API at {self.host}: {reason}") from None
         if response.status_code >= 400:
-            raise _error_for(response, call.model)
+            raise _error_for(response, call.model, self._key)
         return response
 
     async def _poll(self, job_id: str, call: Call, user_id: str | None, progress: Progress | None) -> httpx.Response:
-        import stamina
-
         started = time.monotonic()
         while True:
-            async for attempt in stamina.retry_context(on=_retry_hook, **self._retry):
+            async for attempt in self._retries(f"GET /v2beta/results/{job_id}"):
                 with attempt:
                     response = await self._request_once(call, user_id, f"/v2beta/results/{job_id}", "GET", "*/*")
             if response.status_code != 202:
@@ -363,11 +382,42 @@ def _finish(value: Any) -> str:
     return value if value in ("SUCCESS", "CONTENT_FILTERED") else "SUCCESS"
 
 
-def _retry_hook(exc: Exception) -> bool | float:
-    """stamina's hook: retry only what may succeed later; a Retry-After replaces the backoff."""
-    if isinstance(exc, ProviderUnavailable):
-        return min(exc.retry_after, 60.0) if exc.retry_after is not None else True
-    return False
+def _checked_key(api_key: str | None) -> str | None:
+    """The key as it will be sent, or None; ConfigError (never quoting it) if it cannot be sent.
+    Bots may pass a key straight from their own settings, so it is checked here too."""
+    if api_key is None or api_key == "":
+        return None
+    try:
+        return clean_api_key(api_key)
+    except ValueError as exc:
+        raise ConfigError(f"the Stability API key {exc}") from None
+
+
+class _RetryPolicy:
+    """stamina's ``on`` hook for one request: retry only what may succeed later, within
+    ``attempts`` and ``timeout``, after a capped exponential backoff with jitter or the
+    server's Retry-After. Because the wait is decided here, the log line tells the truth."""
+
+    def __init__(self, what: str, attempts: int, timeout: float, wait_initial: float, wait_max: float):
+        self.what, self.attempts, self.timeout = what, attempts, timeout
+        self.wait_initial, self.wait_max = wait_initial, wait_max
+        self.failures = 0
+        self.started = time.monotonic()
+
+    def __call__(self, exc: Exception) -> bool | float:
+        if not isinstance(exc, ProviderUnavailable):
+            return False
+        self.failures += 1
+        if exc.retry_after is not None:
+            wait = min(exc.retry_after, 60.0)
+        else:
+            wait = min(self.wait_max, self.wait_initial * 2 ** (self.failures - 1)
+                       + random.uniform(0, self.wait_initial))
+        if self.failures >= self.attempts or time.monotonic() - self.started + wait > self.timeout:
+            return False
+        log.warning("%s failed: %s; retrying in %.1f s (attempt %d of %d)", self.what, exc, wait,
+                    self.failures + 1, self.attempts)
+        return float(wait)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -385,8 +435,10 @@ def _retry_after(response: httpx.Response) -> float | None:
             return None
 
 
-def _error_for(response: httpx.Response, model: str) -> ProviderError:
-    """Map an HTTP error to the package's exceptions: the one place this happens."""
+def _error_for(response: httpx.Response, model: str, key: str | None) -> ProviderError:
+    """Map an HTTP error to the package's exceptions: the one place this happens. The body's
+    text is scrubbed of ``key`` and of any Bearer token first: a provider that echoes the
+    request back must not put the key on a terminal, in --json or in the ledger."""
     status = response.status_code
     detail, name = "", ""
     try:
@@ -397,11 +449,12 @@ def _error_for(response: httpx.Response, model: str) -> ProviderError:
         name = str(body.get("name") or "")
         errors = body.get("errors")
         if isinstance(errors, list) and errors:
-            detail = "; ".join(str(e) for e in errors)
+            detail = redact("; ".join(str(e) for e in errors), key)
         else:
-            detail = str(body.get("message") or name)
-    elif response.text:
-        detail = response.text.strip().splitlines()[0][:200]
+            detail = redact(str(body.get("message") or name), key)
+    elif response.text.strip():
+        # Scrubbed before it is cut, so that no part of a key survives at the cut.
+        detail = redact(response.text.strip(), key).splitlines()[0][:200]
     suffix = f": {detail}" if detail else ""
     credits_word = "credit" in detail.lower() or "balance" in name.lower() or name == "payment_required"
     if status == 401:
