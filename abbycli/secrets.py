@@ -22,12 +22,12 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
 def clean_api_key(value: str) -> str:
     """The key with surrounding whitespace removed; ValueError (never echoing it) if unusable."""
     if not isinstance(value, str):
-        raise ValueError("must be a string")
+        raise ValueError("the API key must be a string")
     key = value.strip()
     if not key:
-        raise ValueError("is empty")
+        raise ValueError("the API key is empty")
     if not _KEY_CHARS.fullmatch(key):
-        raise ValueError("contains characters that cannot be sent in an HTTP header "
+        raise ValueError("the API key contains characters that cannot be sent in an HTTP header "
                          "(spaces, control or non-ASCII characters); paste the key again")
     return key
 

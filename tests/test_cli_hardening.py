@@ -294,3 +294,14 @@ def test_check_shows_problems_fix_cannot_repair_and_fails_while_they_remain(cfg,
         assert result.exit_code == 1
         assert "not_an_image: /s/users/alice/notes.png" in result.output and "over_quota: alice" in result.output
         assert "--fix" not in result.output  # --fix cannot repair either
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows has no /dev/zero or named pipes")
+def test_generation_inputs_are_refused_before_reading_a_device(cfg, tmp_path):
+    fifo = tmp_path / "in.png"
+    os.mkfifo(fifo)
+    for source in ("/dev/zero", str(fifo), str(tmp_path)):
+        result = abby_limited(cfg, "upscale", source, "--mode", "local")
+        assert result.returncode == 2, result.stderr
+        lines = error_lines(result.stderr)
+        assert len(lines) == 1 and ("regular file" in lines[0] or "folder" in lines[0]), lines

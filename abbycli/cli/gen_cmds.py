@@ -34,11 +34,17 @@ CFG = typer.Option(None, "--cfg-scale", help="How strictly to follow the prompt:
 STEPS = typer.Option(None, "--steps", help="Diffusion steps, v1 engines only (10-50).", show_default=False)
 
 
+MAX_INPUT_BYTES = 64 * 1024 * 1024  # far above what any endpoint accepts; the pixel limit is checked after
+
+
 def _read_image(path: Path) -> bytes:
+    from .files import read_bounded
+
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
+        return read_bounded(path, MAX_INPUT_BYTES, lambda size: InvalidInput(
+            f"it is {human_size(size)}, more than the {human_size(MAX_INPUT_BYTES)} abby reads as an input"))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path}: {exc}") from None
 
 
 def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_json: bool, dry_run: bool,

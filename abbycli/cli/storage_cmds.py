@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..errors import AbbyError, InvalidInput, UserQuotaExceeded
+from ..errors import AbbyError, UserQuotaExceeded
 from ..storage.quota import human_size, too_big_for_user
 from . import logfile, output
+from .files import read_bounded
 from .app import state
 
 JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
@@ -134,7 +133,8 @@ def save(
     stored, failed, code = [], [], 0
     for path in files:
         try:
-            data = _read_image_file(path, storage.limits.user_bytes)
+            data = read_bounded(path, storage.limits.user_bytes,
+                                    lambda size: UserQuotaExceeded(too_big_for_user(size, storage.limits.user_bytes)))
             image = storage.store(data, owner, name or path.name,
                                   metadata={"source": path.name, "operation": "import"})
         except AbbyError as exc:
@@ -150,34 +150,6 @@ def save(
         output.print_json({"stored": stored, "failed": failed})
     if code:
         raise typer.Exit(code)
-
-
-def _read_image_file(path: Path, cap: int) -> bytes:
-    """The file's bytes, refusing before reading anything that cannot be an image or
-    cannot fit: a device such as /dev/zero, a pipe, or a file over the per-user cap.
-    At most cap + 1 bytes are read, so a file that grows meanwhile cannot fill memory."""
-    try:
-        # O_NONBLOCK: opening a named pipe must not wait for a writer (no effect on files).
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise InvalidInput(f"cannot read it: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)  # of the file opened, so the file checked is the file read
-        if stat.S_ISDIR(info.st_mode):
-            raise InvalidInput("it is a folder, not an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidInput("not a regular file (a device, pipe or socket); abby stores image files only")
-        if info.st_size > cap:
-            raise UserQuotaExceeded(too_big_for_user(info.st_size, cap))
-        with open(fd, "rb", closefd=False) as fh:
-            data = fh.read(cap + 1)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read it: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > cap:
-        raise UserQuotaExceeded(f"the file grew past the per-user limit of {human_size(cap)} while being read")
-    return data
 
 
 def delete(

@@ -390,7 +390,7 @@ def _checked_key(api_key: str | None) -> str | None:
     try:
         return clean_api_key(api_key)
     except ValueError as exc:
-        raise ConfigError(f"the Stability API key {exc}") from None
+        raise ConfigError(f"Stability: {exc}") from None
 
 
 class _RetryPolicy:

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import (AbbyError, Busy, FileInUse, InvalidInput, NotFound, ReadOnlyStore, StorageError,
                       UserQuotaExceeded)
-from .formats import EXTENSIONS, sniff_format, verify_image
+from .formats import EXTENSIONS, verify_image
 from .ledger import Ledger, connect_read_only, convert_error
 from .names import clean_stem, decode_user_dir, encode_user_id, fit_name, path_under, validate_user_id
 from .liveness import abandoned
