@@ -56,7 +56,7 @@ class Bounded:
     @property
     def text(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
-        return f"{'whole number ' if self.whole else ''}from {_plain(self.low)} to {_plain(self.high)}{unit}"
+        return f"{'a whole number ' if self.whole else ''}from {_plain(self.low)} to {_plain(self.high)}{unit}"
 
     def __call__(self, value: Any) -> float:
         if self.whole and (isinstance(value, bool) or not isinstance(value, int)):

@@ -42,8 +42,10 @@ def record(storage: StorageManager, rows: list[dict[str, Any]]) -> None:
                 f"INSERT INTO history ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})",
                 [tuple(r.get(c) for c in COLUMNS[1:]) for r in rows],
             )
-    except AbbyError:
-        pass
+    except (AbbyError, OverflowError, ValueError, TypeError) as exc:  # a value SQLite cannot hold, say
+        import logging
+
+        logging.getLogger("abby.history").warning("could not record %d generation attempt(s): %s", len(rows), exc)
 
 
 def attempt(at: float, user_id: str, req, *, error: BaseException | None = None, image=None, stored=None,

@@ -78,17 +78,20 @@ def test_save_checks_the_size_before_reading(cfg, tmp_path):
 
 def test_save_reads_at_most_one_byte_over_the_cap(tmp_path, monkeypatch):
     """A file that grows after its size was checked is cut at cap + 1 bytes and refused."""
-    from abbycli.cli import storage_cmds
+    from abbycli.cli import files
     from abbycli.errors import UserQuotaExceeded
 
     path = tmp_path / "growing.png"
     path.write_bytes(make_png(5000))
     real_fstat = os.fstat
     monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 10, *real_fstat(fd)[7:])))
-    with pytest.raises(UserQuotaExceeded, match="grew past"):
-        storage_cmds._read_image_file(path, 1000)
+    def too_big(size):
+        return UserQuotaExceeded(f"{size} bytes")
+
+    with pytest.raises(UserQuotaExceeded, match="1001 bytes"):  # cap + 1 read, no more
+        files.read_bounded(path, 1000, too_big)
     monkeypatch.undo()
-    assert storage_cmds._read_image_file(path, 5000) == path.read_bytes()
+    assert files.read_bounded(path, 5000, too_big) == path.read_bytes()
 
 
 # --- B4: every file is tried and reported ---------------------------------------------------------

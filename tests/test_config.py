@@ -215,7 +215,7 @@ def test_config_path_lists_the_search_order(tmp_path):
     ("[storage]\nimage_generation_size_mb = 0.0000001\n", "storage.image_generation_size_mb: must be from 0.001"),
     # 1e300 days overflowed every cleanup's date arithmetic
     ("[storage]\ncleanup_days = 1e300\n", "storage.cleanup_days: must be from 0.001 to 36500 days (100 years)"),
-    ("[storage]\nmax_user_daily_gens = 10000000000\n", "must be whole number from 1 to 1000000"),
+    ("[storage]\nmax_user_daily_gens = 10000000000\n", "must be a whole number from 1 to 1000000"),
     ("[generation]\nupscale_timeout = 7200\n", "generation.upscale_timeout: must be from 1 to 1800 seconds"),
     ("[generation]\nmax_megapixels = 1000\n", "generation.max_megapixels: must be from 0.01 to 89 megapixels"),
     ("[generation]\nmax_megapixels = 0.0001\n", "must be from 0.01 to 89 megapixels"),

@@ -374,3 +374,87 @@ def test_one_byte_short_of_the_cap_is_not_shown_as_100_percent(root):
     sm.store(make_png(MIB - 1), "alice")
     user = sm.get_quota_status("alice")["user"]
     assert user["percentage"] < 100 and user["status"] == "WARNING"
+
+
+# --- A2 (found again by trying it): a long-lived process sees its ledger replaced --------
+
+def test_a_process_holding_the_ledger_follows_its_replacement(root):
+    limits = dict(max_global_storage_mb=10, max_user_storage_mb=1, image_generation_size_mb=0.5)
+    bot = StorageManager(root, **limits)  # a bot keeps its connection for days
+    for _ in range(2):
+        bot.store(make_png(300_000), "alice")
+    lose_ledger(root, "deleted")
+    admin = StorageManager(root, **limits)
+    assert admin.get_quota_status("alice")["user"]["used_bytes"] == 600_000  # rebuilt
+    bot.store(make_png(300_000), "alice")  # must land in the new ledger, not the deleted file
+    with pytest.raises(UserQuotaExceeded):
+        bot.store(make_png(300_000), "alice")
+    assert admin.get_quota_status("alice")["user"]["used_bytes"] == 900_000
+    assert admin.check().problems == []
+
+
+# --- A1 (found again): a cleanup or delete killed half-way leaves nothing uncounted ------
+
+KILLED_DELETE = textwrap.dedent("""
+    import os, signal, sys
+    from abbycli import StorageManager
+    from abbycli.storage import safefs
+    root, when, what = sys.argv[1:4]
+    real = safefs.SafeRemover.unlink_all
+    def dying(self, rel_dir, names):
+        if when == "after":
+            real(self, rel_dir, names)
+        os.kill(os.getpid(), signal.SIGKILL)
+    safefs.SafeRemover.unlink_all = dying
+    sm = StorageManager(root, 100, 10)
+    sm.cleanup(older_than_days=0) if what == "cleanup" else sm.delete_image(1)
+""")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the process dies by SIGKILL, which Windows does not have")
+@pytest.mark.parametrize("what", ["cleanup", "delete"])
+@pytest.mark.parametrize("when", ["before", "after"])  # killed before or after the files were unlinked
+def test_a_delete_killed_half_way_is_finished_by_the_next_cleanup(root, what, when):
+    sm = StorageManager(root, 100, 10)
+    images = [sm.store(make_png(1000 + i), f"user{i % 3}") for i in range(6)]
+    sm.close()
+    killed = subprocess.run([sys.executable, "-c", KILLED_DELETE, str(root), when, what], timeout=60)
+    assert killed.returncode != 0
+    sm = StorageManager(root, 100, 10)
+    on_disk = sum(p.stat().st_size for p in files_on_disk(root))
+    assert ledger_bytes(sm) >= on_disk  # every file still on disk is still counted
+    check = sm.check(now=time.time() + 120)
+    assert {p.kind for p in check.problems} <= {"interrupted_delete"} and check.problems
+    report = sm.cleanup(older_than_days=0 if what == "cleanup" else 1000)
+    doomed = images if what == "cleanup" else images[:1]
+    assert sorted(report.deleted) == sorted(str(i.path) for i in doomed)
+    assert ledger_bytes(sm) == sum(p.stat().st_size for p in files_on_disk(root))
+    assert sm.check().problems == []
+
+
+def test_a_settled_reservation_cannot_store_a_second_image_for_free(storage):
+    r = storage.quota.reserve_generation("alice")
+    storage.store(make_png(1000), "alice", reservation=r)
+    storage.store(make_png(1000), "alice", reservation=r)  # a second image: a second slot
+    assert storage.get_quota_status("alice")["daily"]["used"] == 2
+    refunded = storage.quota.reserve_generation("alice")
+    storage.quota.refund(refunded)
+    with pytest.raises(DailyLimitReached):  # the limit is 3: the third slot goes, then no more
+        storage.store(make_png(1000), "alice", reservation=refunded)
+        storage.store(make_png(1000), "alice", reservation=refunded)
+    assert storage.get_quota_status("alice")["daily"]["used"] == 3
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_an_image_cut_and_padded_to_its_length_is_refused(storage, kind):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buf, kind.upper())
+    data = buf.getvalue()
+    half = data[:len(data) // 2] + b"\0" * (len(data) - len(data) // 2)  # decodes without an error
+    with pytest.raises(InvalidInput, match="damaged"):
+        storage.store(half, "alice")
+    assert storage.store(data + b"trailing bytes", "alice").size == len(data) + 14  # a tail is harmless

@@ -51,7 +51,7 @@ class AbbyGroup(TyperGroup):
         except KeyboardInterrupt:
             _state_of(ctx).open_log()
             logfile.log().warning("interrupted")
-            _report_interrupt()
+            report_interrupt()
             raise typer.Exit(INTERRUPTED) from None
         except OSError as exc:
             if exc.errno == errno.EPIPE:  # `abby list | head`: Typer ends quietly
@@ -91,11 +91,12 @@ def _show_storage_warnings() -> None:
         logger.addHandler(handler)
 
 
-def _report_interrupt() -> None:
+def report_interrupt(message: str = "interrupted") -> None:
+    """Say once that the run was interrupted, however many layers notice it."""
     global _interrupt_reported
     if not _interrupt_reported:
         _interrupt_reported = True
-        output.error("interrupted")
+        output.error(message)
 
 
 @dataclass
@@ -215,11 +216,11 @@ def main() -> None:
         code = INTERRUPTED
     try:
         if code == INTERRUPTED:  # Typer turns a Ctrl-C outside invoke into a silent 130
-            _report_interrupt()
+            report_interrupt()
         # Flush while a Ctrl-C can still be caught, so nothing is left for Python's exit.
         sys.stdout.flush()
     except KeyboardInterrupt:
-        _report_interrupt()
+        report_interrupt()
         code = INTERRUPTED
     except OSError as exc:
         # A closed pipe or a full disk: what is left cannot be shown. Let it drain into

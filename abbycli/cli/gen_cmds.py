@@ -12,7 +12,7 @@ import typer
 from ..errors import InvalidInput, NotFound
 from ..storage.quota import human_size, mib
 from . import output
-from .app import state
+from .app import report_interrupt, state
 
 USER = typer.Option(None, "--user", "-u", help="User the image is generated for (default: cli.default_user).",
                     show_default=False)
@@ -108,7 +108,7 @@ def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_j
             output.info(f"{daily['remaining']} of {daily['limit']} generations left today for {owner}.")
     sys.stdout.flush()  # the output is complete: let the caller see it now, while a Ctrl-C still means 130
     if interrupted:
-        output.error("interrupted; the images not yet made were given back to the daily limit")
+        report_interrupt("interrupted; the images not yet made were given back to the daily limit")
         raise typer.Exit(130)
     if result.exit_code or copy_errors:
         raise typer.Exit(result.exit_code or 1)

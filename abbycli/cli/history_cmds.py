@@ -10,6 +10,7 @@ import typer
 from ..errors import InvalidInput
 from ..storage.quota import human_size
 from . import output
+from .output import MAX_COUNT
 from .app import state
 
 
@@ -31,7 +32,7 @@ def history_cmd(
     user: Optional[str] = typer.Option(None, "--user", "-u", help="Only this user's attempts.", show_default=False),
     since: Optional[str] = typer.Option(None, "--since", help="From this date or time (in daily_reset_timezone).",
                                         show_default=False),
-    limit: int = typer.Option(50, "--limit", "-n", min=0, help="At most N attempts (0 = all)."),
+    limit: int = typer.Option(50, "--limit", "-n", min=0, max=MAX_COUNT, help="At most N attempts (0 = all)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per attempt."),
 ) -> None:
     """List generation attempts, newest first: who, what, how long, and the outcome."""
@@ -62,7 +63,7 @@ _OUTCOME_STYLE = {"success": "green", "filtered": "yellow", "refused-limit": "ye
 def stats_cmd(
     ctx: typer.Context,
     days: int = typer.Option(7, "--days", "-d", min=1, max=3660, help="How many days, today included."),
-    top: int = typer.Option(10, "--top", min=1, help="How many users to rank."),
+    top: int = typer.Option(10, "--top", min=1, max=MAX_COUNT, help="How many users to rank."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for dashboards."),
 ) -> None:
     """Generations and bytes per day, outcomes, top users and daily-limit hits."""

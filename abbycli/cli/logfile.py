@@ -29,6 +29,11 @@ class _RedactingFormatter(logging.Formatter):
         self.secret = secret
 
     def format(self, record: logging.LogRecord) -> str:
+        # One record, one line: control characters in the message (a file name with a
+        # newline) are escaped so that nobody can forge a line. A traceback, which
+        # only abby itself adds, keeps its lines.
+        message = output.printable(record.getMessage())
+        record = logging.makeLogRecord({**record.__dict__, "msg": message, "args": ()})
         return redact(super().format(record), self.secret)
 
 

@@ -97,6 +97,18 @@ def _writing():
         raise AbbyError(f"cannot write the output: {exc.strerror or exc}") from exc
 
 
+# Upper bound of --limit/--top: far above any store, and well inside SQLite's integers.
+MAX_COUNT = 1_000_000_000
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a file name with a newline must not
+    make one line look like two (on the terminal or in the log)."""
+    return text.translate(_CONTROL)
+
+
 def print_json(data: Any) -> None:
     # Escaped \uXXXX is plain ASCII, which every code page carries unchanged.
     text = json.dumps(data, indent=2, ensure_ascii=_encoding() != "utf-8", default=str)

@@ -8,8 +8,9 @@ from typing import List, Optional
 import typer
 
 from ..errors import AbbyError, UserQuotaExceeded
-from ..storage.quota import human_size, too_big_for_user
+from ..storage.quota import human_size, size_pair, too_big_for_user
 from . import logfile, output
+from .output import MAX_COUNT
 from .files import read_bounded
 from .app import state
 
@@ -20,7 +21,7 @@ def quota(
     ctx: typer.Context,
     user: Optional[str] = typer.Option(None, "--user", "-u", help="Show one user's status instead of all users.",
                                        show_default=False),
-    top: Optional[int] = typer.Option(None, "--top", min=1, help="Only the N largest users.", show_default=False),
+    top: Optional[int] = typer.Option(None, "--top", min=1, max=MAX_COUNT, help="Only the N largest users.", show_default=False),
     check: bool = typer.Option(False, "--check", help="Monitoring mode (Nagios convention): exit 0 OK, 1 WARNING, 2 FULL."),
     as_json: bool = JSON,
 ) -> None:
@@ -33,7 +34,7 @@ def quota(
             output.print_json({"user_id": user, **data})
         elif check:
             _nagios(worst, f"user {user} {data['user']['percentage']}% "
-                           f"({human_size(data['user']['used_bytes'])} of {human_size(data['user']['limit_bytes'])}), "
+                           f"({' of '.join(size_pair(data['user']['used_bytes'], data['user']['limit_bytes']))}), "
                            f"global {data['global']['percentage']}%", data)
         else:
             _status_line("Global", data["global"], "total_bytes")
@@ -51,8 +52,8 @@ def quota(
             output.print_json({"global": g, "users": shown, "user_count": len(users)})
         elif check:
             full = sum(u["status"] == "FULL" for u in users)
-            _nagios(worst, f"global {g['percentage']}% ({human_size(g['used_bytes'])} of "
-                           f"{human_size(g['total_bytes'])}), {len(users)} users, {full} at their limit", {"global": g})
+            _nagios(worst, f"global {g['percentage']}% ({' of '.join(size_pair(g['used_bytes'], g['total_bytes']))}), "
+                           f"{len(users)} users, {full} at their limit", {"global": g})
         else:
             _status_line("Global", g, "total_bytes")
             output.info(f"{g['files']} images, {len(users)} users")
@@ -76,7 +77,7 @@ def _worst(*statuses: str) -> str:
 
 def _status_line(label: str, part: dict, cap_key: str) -> None:
     line = [f"{label:<7} ", *output.bar(part["percentage"]),
-            f" {output.percent(part['percentage']):>5}%  {human_size(part['used_bytes'])} of {human_size(part[cap_key])}  ",
+            f" {output.percent(part['percentage']):>5}%  {' of '.join(size_pair(part['used_bytes'], part[cap_key]))}  ",
             *output.status_text(part["status"])]
     if part.get("reserved_bytes"):
         line.append((f"  (+{human_size(part['reserved_bytes'])} reserved)", "dim"))
@@ -96,7 +97,7 @@ def list_images(
     ctx: typer.Context,
     user: Optional[str] = typer.Option(None, "--user", "-u", help="Only this user's images (default: everyone's).",
                                        show_default=False),
-    limit: int = typer.Option(0, "--limit", "-n", min=0, help="Show at most N images (0 = all)."),
+    limit: int = typer.Option(0, "--limit", "-n", min=0, max=MAX_COUNT, help="Show at most N images (0 = all)."),
     as_json: bool = JSON,
 ) -> None:
     """List stored images, newest first."""
@@ -131,21 +132,27 @@ def save(
     owner = st.user(user)
     storage = st.storage()
     stored, failed, code = [], [], 0
-    for path in files:
-        try:
-            data = read_bounded(path, storage.limits.user_bytes,
-                                    lambda size: UserQuotaExceeded(too_big_for_user(size, storage.limits.user_bytes)))
-            image = storage.store(data, owner, name or path.name,
-                                  metadata={"source": path.name, "operation": "import"})
-        except AbbyError as exc:
-            message = f"{path}: {exc}"
-            failed.append({"file": str(path), "error": message, "exit_code": exc.exit_code})
-            code = code or exc.exit_code
-            output.item_error(message, show=not as_json)
-            continue
-        stored.append(image.to_dict())
-        if not as_json:
-            output.info(f"stored {image.path} (id {image.id}, {human_size(image.size)})")
+    cap = storage.limits.user_bytes
+    try:
+        for path in files:
+            try:
+                data = read_bounded(path, cap, lambda size: UserQuotaExceeded(too_big_for_user(size, cap)))
+                image = storage.store(data, owner, name or path.name,
+                                      metadata={"source": path.name, "operation": "import"})
+            except AbbyError as exc:
+                message = f"{path}: {exc}"
+                failed.append({"file": str(path), "error": message, "exit_code": exc.exit_code})
+                code = code or exc.exit_code
+                output.item_error(message, show=not as_json)
+                continue
+            stored.append(image.to_dict())
+            if not as_json:
+                output.info(f"stored {output.printable(str(image.path))} (id {image.id}, {human_size(image.size)})")
+    except KeyboardInterrupt:
+        # What was stored stays stored: say so, in the JSON too, then exit 130 as usual.
+        if as_json:
+            output.print_json({"stored": stored, "failed": failed, "interrupted": True})
+        raise
     if as_json:
         output.print_json({"stored": stored, "failed": failed})
     if code:
@@ -193,41 +200,51 @@ def cleanup(
     never follows links, never leaves the storage root.
     """
     report = state(ctx).storage().cleanup(older_than, user, dry_run)
-    # Files another program holds open (Windows): their rows stay, the next run retries.
-    kept = report.kept
+    # Files another program holds open (Windows), or that an error kept: their rows stay,
+    # the next run retries. An error (not a file in use) makes the run fail, so a
+    # nightly job that cannot delete does not look fine for ever.
+    kept, failed = report.kept, report.failed
+    code = 1 if failed else 0
     if not dry_run:
         logfile.log().info("deleted %d image(s), %d bytes, %d temp file(s), %d empty folder(s); "
-                           "%d in use, kept; %d skipped (links)", len(report.deleted), report.freed_bytes,
-                           len(report.temp_files), len(report.empty_dirs), len(kept), len(report.skipped))
+                           "%d in use, kept; %d failed, kept; %d skipped (links)", len(report.deleted),
+                           report.freed_bytes, len(report.temp_files), len(report.empty_dirs), len(kept),
+                           len(failed), len(report.skipped))
         for path in kept:
             logfile.log().warning("in use, kept: %s", path)
+        for path in failed:
+            logfile.log().error("could not be deleted, kept: %s", path)
     if as_json:
         output.print_json(report.to_dict())
-        return
+        raise typer.Exit(code)
+    for path in failed:  # shown even with --quiet: it is a failure
+        output.error(f"could not be deleted (an error, see the log; kept for the next run): {output.printable(path)}")
     if quiet:
-        return
+        raise typer.Exit(code)
     verb = "Would delete" if dry_run else "Deleted"
     if dry_run:
         for path in report.deleted:
-            output.info(f"would delete {path}")
+            output.info(f"would delete {output.printable(path)}")
         for path in report.temp_files:
-            output.info(f"would delete {path}")
+            output.info(f"would delete {output.printable(path)}")
         for path in report.empty_dirs:
-            output.info(f"would remove empty folder {path}")
+            output.info(f"would remove empty folder {output.printable(path)}")
     for path in report.skipped:
-        output.warn(f"not deleted, a link is on its way: {path}")
+        output.warn(f"not deleted, a link is on its way: {output.printable(path)}")
     for path in kept:
-        output.warn(f"not deleted, in use by another program: {path}")
+        output.warn(f"not deleted, in use by another program: {output.printable(path)}")
     output.info(
         f"{verb} {len(report.deleted)} image(s) ({human_size(report.freed_bytes)}), "
         f"{len(report.temp_files)} temp file(s), {len(report.empty_dirs)} empty folder(s)"
         + (f"; {len(kept)} in use, kept; the next run retries" if kept else "")
+        + (f"; {len(failed)} could not be deleted, kept" if failed else "")
         + f"; cut-off {output.local_time(report.cutoff)}."
     )
+    raise typer.Exit(code)
 
 
 # Problems `check --fix` cannot repair: they need a person (move a file out, delete images).
-NEEDS_A_PERSON = {"foreign", "network_share", "not_an_image", "over_quota"}
+NEEDS_A_PERSON = {"foreign", "network_share", "not_an_image", "over_quota", "changed"}
 
 
 def check(
@@ -238,18 +255,17 @@ def check(
 ) -> None:
     """Reconcile the ledger with the files on disk. Exit 0 when consistent (or all fixed), 1 otherwise."""
     report = state(ctx).storage().check(fix)
-    if fix:
-        for p in report.problems:
-            logfile.log().log(20 if p.fixed else 30, "%s %s: %s: %s", "fixed" if p.fixed else "left",
-                              p.kind, p.path, p.detail)
-        logfile.log().info("checked %d files: %d problem(s), %d remaining", report.files_checked,
-                           len(report.problems), len(report.remaining))
+    for p in report.problems:
+        logfile.log().log(20 if p.fixed else 30, "%s %s: %s: %s", "fixed" if p.fixed else "found",
+                          p.kind, p.path, p.detail)
+    logfile.log().info("checked %d files: %d problem(s), %d remaining", report.files_checked,
+                       len(report.problems), len(report.remaining))
     if as_json:
         output.print_json(report.to_dict())
     else:
         for p in report.problems:
             mark = ("fixed ", "green") if p.fixed else ("found ", "yellow")
-            output.info(mark, f"{p.kind}: {p.path}: {p.detail}")
+            output.info(mark, output.printable(f"{p.kind}: {p.path}: {p.detail}"))
         if not report.problems:
             output.info(f"Consistent: {report.files_checked} files match the ledger.")
         else:

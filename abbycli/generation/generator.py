@@ -12,7 +12,7 @@ import asyncio
 from typing import Any, Awaitable, Callable
 
 from ..errors import AbbyError, ConfigError, ContentFiltered, InvalidInput, ProviderError
-from .imaging import check_size, inspect, over_limit, resize, size_of
+from .imaging import MAX_SIDE, check_size, inspect, over_limit, resize, size_of
 from .local import LOCAL_FACTOR, target_size, upscale_local
 from .request import GeneratedImage, ImageRequest, validate
 from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_all
@@ -91,6 +91,11 @@ class ImageGenerator:
         if tw * th > self.max_pixels:
             raise InvalidInput(f"the upscaled image would be {tw}x{th} {over_limit(tw * th, self.max_pixels)}; "
                                "ask for a smaller --width or --factor")
+        side = MAX_SIDE[req.output_format]
+        if max(tw, th) > side:
+            raise InvalidInput(f"the upscaled image would be {tw}x{th}, but {req.output_format.upper()} images "
+                               f"can be at most {side} pixels on a side; ask for a smaller --width or --factor, "
+                               "or another --format")
 
     @staticmethod
     def is_free(req: ImageRequest) -> bool:

@@ -167,6 +167,8 @@ def resize(data: bytes, width: int, height: int, fmt: str) -> bytes:
 
 
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# The largest side each format can encode (libjpeg: 65500; WebP: 16383; PNG: 2**31 - 1).
+MAX_SIDE = {"png": 2**31 - 1, "jpeg": 65_500, "webp": 16_383}
 _SAVE_OPTIONS: dict[str, dict[str, Any]] = {"png": {}, "jpeg": {"quality": 95}, "webp": {"quality": 95}}
 
 

@@ -339,6 +339,8 @@ class StabilityClient:
         else:
             raw = response.content
             finish, seed = response.headers.get("finish-reason"), response.headers.get("seed")
+        if finish == "ERROR":  # documented for v2beta too: the image is not usable
+            raise ProviderUnavailable("the API reported an error while generating the image")
         fmt = inspect(raw, from_provider=True)[0]
         return GeneratedImage(raw, fmt, _seed(seed), _finish(finish), call.model,
                               response.headers.get("x-request-id"), list(call.notes))
@@ -371,11 +373,17 @@ def _b64(value: Any) -> bytes:
         raise MalformedResponse("the API's image is not valid base64") from None
 
 
+MAX_SEED = 4_294_967_295  # the API's own range: 0 .. 2**32 - 1
+
+
 def _seed(value: Any) -> int | None:
+    """The seed the API reports, or None for anything outside its documented range
+    (a seed is only informative: a bad one must not fail a paid, stored image)."""
     try:
-        return int(float(value)) if value is not None else None
-    except (TypeError, ValueError):
+        seed = int(value) if isinstance(value, int) else int(str(value).strip())
+    except (TypeError, ValueError, OverflowError):
         return None
+    return seed if 0 <= seed <= MAX_SEED else None
 
 
 def _finish(value: Any) -> str:

@@ -48,6 +48,15 @@ def verify_image(data: bytes | BinaryIO, what: str = "the data") -> tuple[str, i
             if limit and width * height > limit:
                 raise InvalidInput(f"{what} is a {width}x{height} image, more than the "
                                    f"{limit / 1e6:.0f} megapixels abby accepts")
+            if fmt == "png":
+                # Decoding skips the checksums of the pixel data, so a PNG whose second
+                # half was overwritten (zeros, say) would decode: check every chunk's CRC.
+                img.verify()
+        stream.seek(0)
+        if fmt == "jpeg":
+            _check_jpeg_end(stream)
+            stream.seek(0)
+        with Image.open(stream, formats=[fmt.upper()]) as img:
             img.load()  # decodes every pixel: a truncated or corrupt file fails here
     except InvalidInput:
         raise
@@ -55,3 +64,15 @@ def verify_image(data: bytes | BinaryIO, what: str = "the data") -> tuple[str, i
         reason = str(exc).split(" <", 1)[0] or type(exc).__name__  # never an object repr
         raise InvalidInput(f"{what} is a damaged {fmt.upper()} image ({reason})") from None
     return fmt, width, height
+
+
+def _check_jpeg_end(stream: BinaryIO) -> None:
+    """A JPEG's image data ends with the EOI marker (FF D9). libjpeg decodes a file cut
+    short and padded (with zeros, say) without complaint, so look for the marker after
+    the first scan starts. Inside the scan data FF is always followed by 00 or a
+    restart marker, so FF D9 there can only be the real end. Data after it is ignored,
+    as every reader does."""
+    data = stream.read()
+    scan = data.find(b"\xff\xda")
+    if scan < 0 or data.find(b"\xff\xd9", scan) < 0:
+        raise ValueError("it ends before its image data does")

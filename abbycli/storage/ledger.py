@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 
 from ..errors import Busy, ReadOnlyStore, StorageError
 
-SCHEMA_VERSION = 3  # 2: history table; 3: state table (created in place: the schema script is idempotent)
+# 2: history table; 3: state table; 4: deleting table (created in place: the schema script is idempotent)
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -91,6 +92,21 @@ CREATE INDEX IF NOT EXISTS history_by_user ON history(user_id, at);
 -- next to existing images (the old one was lost) and cleared once it is rebuilt.
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
 
+-- Images being deleted: their rows leave `images` (no longer listed) but stay
+-- counted in the usage totals until their files are really gone. A delete or
+-- cleanup that dies half-way leaves them here, and the next cleanup or
+-- `check --fix` finishes the job: the quota never forgets a file on disk.
+CREATE TABLE IF NOT EXISTS deleting (
+    id         INTEGER PRIMARY KEY,
+    user_id    TEXT    NOT NULL,
+    rel_path   TEXT    NOT NULL UNIQUE,
+    size       INTEGER NOT NULL,
+    format     TEXT,
+    created_at REAL    NOT NULL,
+    meta       TEXT,
+    since      REAL    NOT NULL          -- Unix time the delete began
+);
+
 CREATE TABLE IF NOT EXISTS daily (
     user_id TEXT NOT NULL,
     day     TEXT NOT NULL,
@@ -151,6 +167,14 @@ def convert_error(exc: sqlite3.Error, path: Path) -> StorageError:
     return StorageError(f"ledger {path}: {exc}")
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def connect_read_only(path: Path) -> sqlite3.Connection:
     """A connection that never writes, for stores this user may only read.
 
@@ -192,6 +216,7 @@ class Ledger:
         self._disk_has_images = disk_has_images
         self._rebuild = rebuild
         self.read_only = False
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file the connection has open
 
     def _writable(self) -> bool:
         folder = self.path.parent
@@ -216,6 +241,7 @@ class Ledger:
                     raise ReadOnlyStore(f"the ledger {self.path} needs an upgrade, and this user cannot write it; "
                                         "run abby once as the store's owner")
                 self.read_only = True
+                self._identity = _file_identity(self.path)
                 return conn
             # A ledger file that is missing or empty while images exist means the
             # ledger was lost; _initialise notes that under its lock.
@@ -233,6 +259,7 @@ class Ledger:
             if (conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
                     or conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION):
                 self._initialise(conn, fresh)
+            self._identity = _file_identity(self.path)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StorageError(f"ledger {self.path} was written by a newer abby (schema {version}); upgrade abby")
@@ -244,6 +271,12 @@ class Ledger:
 
     def _connection(self) -> sqlite3.Connection:
         """The open connection; on first use, rebuild a lost ledger before anything reads it."""
+        if self._conn is not None and _file_identity(self.path) != self._identity:
+            # The ledger file was deleted or replaced under this process (an admin's rm,
+            # a restored backup). Writing on would go to a file no other process sees, and
+            # the quota would be kept twice: reopen, which rebuilds a lost ledger.
+            self._conn.close()
+            self._conn = None
         if self._conn is None:
             conn = self._connect()
             self._conn = conn
@@ -271,42 +304,54 @@ class Ledger:
             self._connection()
 
     @staticmethod
-    def delete_many(conn: sqlite3.Connection, where: str, args: list, limit: int) -> list[tuple]:
-        """Delete up to ``limit`` image rows matching ``where`` (oldest first) inside the
-        caller's write transaction, keeping the usage totals exact.
+    def begin_delete(conn: sqlite3.Connection, where: str, args: list, limit: int) -> list[tuple]:
+        """Move up to ``limit`` image rows matching ``where`` (oldest first) to ``deleting``,
+        inside the caller's write transaction. The usage totals still count them.
 
         Returns whole rows (id, user_id, rel_path, size, format, created_at, meta), oldest
-        first, so that a row whose file cannot be removed can be put back by ``restore``.
+        first; once their files are dealt with, ``end_delete`` settles them.
         """
-        conn.execute("UPDATE bulk_delete SET active = 1")
+        import time
+
+        conn.execute("UPDATE bulk_delete SET active = 1")  # the per-row trigger would uncount them now
         rows = conn.execute(
             f"DELETE FROM images WHERE id IN (SELECT id FROM images WHERE {where} ORDER BY created_at, id LIMIT ?) "
             "RETURNING id, user_id, rel_path, size, format, created_at, meta",
             [*args, limit],
         ).fetchall()
+        conn.execute("UPDATE bulk_delete SET active = 0")
+        since = time.time()
+        conn.executemany("INSERT INTO deleting (id, user_id, rel_path, size, format, created_at, meta, since) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(*r, since) for r in rows])
+        rows.sort(key=lambda r: (r[5], r[0]))
+        return rows
+
+    @staticmethod
+    def end_delete(conn: sqlite3.Connection, gone: list[tuple], kept: list[tuple]) -> None:
+        """Settle rows from ``begin_delete``: those whose file is ``gone`` leave the totals;
+        ``kept`` ones (the file could not be removed) go back to ``images``.
+
+        Only rows still in ``deleting`` are settled, so settling twice (a crashed run's
+        rows finished by two runs) never uncounts anything twice.
+        """
+        settled: dict[int, tuple] = {}
+        for row in [*gone, *kept]:
+            if conn.execute("DELETE FROM deleting WHERE id = ?", (row[0],)).rowcount:
+                settled[row[0]] = row
         per_user: dict[str, list[int]] = {}
-        for _id, user, _rel, size, *_ in rows:
+        for _id, user, _rel, size, *_ in settled.values():
             totals = per_user.setdefault(user, [0, 0])
             totals[0] += size
             totals[1] += 1
         conn.executemany("UPDATE usage SET bytes = bytes - ?, files = files - ? WHERE user_id = ?",
                          [(b, f, u) for u, (b, f) in per_user.items()])
         conn.execute("UPDATE totals SET bytes = bytes - ?, files = files - ?",
-                     (sum(b for b, _ in per_user.values()), len(rows)))
-        conn.execute("UPDATE bulk_delete SET active = 0")
-        rows.sort(key=lambda r: (r[5], r[0]))
-        return rows
-
-    @staticmethod
-    def restore(conn: sqlite3.Connection, rows: list[tuple]) -> None:
-        """Put back rows returned by ``delete_many`` whose files are still on disk.
-
-        AUTOINCREMENT never hands out an id twice, so the old id is still free; the
-        insert trigger counts the bytes again.
-        """
+                     (sum(b for b, _ in per_user.values()), len(settled)))
+        # Back in `images`, whose insert trigger counts them again. AUTOINCREMENT never
+        # hands out an id twice, so the old id is still free.
         conn.executemany(
             "INSERT INTO images (id, user_id, rel_path, size, format, created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
+            [settled[r[0]] for r in kept if r[0] in settled],
         )
 
     def _initialise(self, conn: sqlite3.Connection, fresh: bool) -> None:
@@ -338,6 +383,11 @@ class Ledger:
                                     "this needs write access: run it as the store's owner")
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                if _file_identity(self.path) != self._identity:
+                    # Replaced while this process waited for the lock: start again on the new file.
+                    conn.execute("ROLLBACK")
+                    conn = self._connection()
+                    conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise convert_error(exc, self.path) from exc
             try:

@@ -72,7 +72,8 @@ class CleanupReport:
     empty_dirs: list[str] = field(default_factory=list)
     released_reservations: int = 0
     skipped: list[str] = field(default_factory=list)  # files behind a link: never followed, rows kept
-    kept: list[str] = field(default_factory=list)  # files that could not be removed now (in use): rows kept
+    kept: list[str] = field(default_factory=list)  # files another program holds open: rows kept, retried
+    failed: list[str] = field(default_factory=list)  # files that could not be removed (an error): rows kept
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +81,7 @@ class CleanupReport:
             "deleted_files": len(self.deleted), "freed_bytes": self.freed_bytes, "freed_mb": mib(self.freed_bytes),
             "files": self.deleted, "temp_files": self.temp_files, "empty_dirs": self.empty_dirs,
             "released_reservations": self.released_reservations, "skipped": self.skipped, "kept": self.kept,
+            "failed": self.failed,
         }
 
 
@@ -145,6 +147,14 @@ def parse_image_id(ref: object) -> int | None:
     if not 1 <= value <= _MAX_ID:
         raise InvalidInput(f"image id {text} is out of range (1 to {_MAX_ID})")
     return value
+
+
+def _by_folder(rows: list[tuple]) -> list[list[tuple]]:
+    """Ledger rows grouped by the folder of their rel_path (column 2)."""
+    groups: dict[str, list[tuple]] = {}
+    for row in rows:
+        groups.setdefault(row[2].rpartition("/")[0], []).append(row)
+    return list(groups.values())
 
 
 def _boundary(method):
@@ -289,7 +299,7 @@ class StorageManager:
             created = time.time()
             with self.ledger.write() as conn:
                 if reservation is not None:
-                    self.quota.settle(conn, reservation, charge=True)
+                    self.quota.charge(conn, reservation)
                 self.quota.check_room(conn, user_id, len(data))
                 # The write lock is ours, so the next id is ours too: the name can carry it
                 # and the row is written once, complete.
@@ -397,6 +407,8 @@ class StorageManager:
     @_boundary
     def get_image(self, ref: int | str | os.PathLike) -> StoredImage:
         """Find an image by ledger id or by path (absolute, or relative to the root)."""
+        if isinstance(ref, str) and not ref.strip():
+            raise InvalidInput("no image given: pass an id or a path")
         image_id = parse_image_id(ref)
         with self.ledger.read() as conn:
             row = None
@@ -424,24 +436,27 @@ class StorageManager:
     # --- deleting -----------------------------------------------------------------
     @_boundary
     def delete_image(self, ref: int | str | os.PathLike) -> StoredImage:
-        """Remove one image: the row first (the quota frees at once), then the file.
+        """Remove one image: the row leaves the listing first, then the file goes, then
+        the quota is freed.
 
         If the file cannot be removed (another program holds it open on Windows, a
         permission problem), the row is put back and FileInUse or StorageError is
-        raised: the quota never forgets a file that is still on disk.
+        raised: the quota never forgets a file that is still on disk, not even if
+        this process dies half-way (the next cleanup finishes the delete).
         """
         image = self.get_image(ref)
         with self.ledger.write() as conn:
-            rows = conn.execute(f"DELETE FROM images WHERE id = ? RETURNING {self._COLUMNS}", (image.id,)).fetchall()
+            rows = self.ledger.begin_delete(conn, "id = ?", [image.id], 1)
         if not rows:
             raise NotFound(f"image {image.id} was deleted by someone else meanwhile")
         rel_dir, _, name = rows[0][2].rpartition("/")
         with SafeRemover(self.root) as remover:
             outcome = remover.unlink_all(rel_dir, [name])[0]
-        if outcome in (DELETED, MISSING):
-            return image
+        gone = outcome in (DELETED, MISSING)
         with self.ledger.write() as conn:
-            self.ledger.restore(conn, rows)
+            self.ledger.end_delete(conn, rows if gone else [], [] if gone else rows)
+        if gone:
+            return image
         if outcome == IN_USE:
             raise FileInUse(f"{image.path} is open in another program; image {image.id} was kept; "
                             "close it and try again")
@@ -531,8 +546,10 @@ class StorageManager:
             temp_files = self._stale_temp_files(now)
             if dry_run:
                 with self.ledger.read() as conn:
-                    rows = conn.execute(f"SELECT rel_path, size FROM images WHERE {where} ORDER BY created_at, id",
-                                        args).fetchall()
+                    # An interrupted run's deletes first, as the real run finishes them first.
+                    rows = conn.execute("SELECT rel_path, size FROM deleting ORDER BY created_at, id").fetchall()
+                    rows += conn.execute(f"SELECT rel_path, size FROM images WHERE {where} ORDER BY created_at, id",
+                                         args).fetchall()
                 report.deleted = [self._abs(rel) for rel, _ in rows]
                 report.freed_bytes = sum(size for _, size in rows)
                 report.temp_files = [self._abs(t) for t in temp_files]
@@ -543,26 +560,23 @@ class StorageManager:
                 return report
             touched: set[str] = set()
             with SafeRemover(self.root) as remover:
-                kept_rows = []
-                for row, outcome in self._delete_expired(remover, where, args):
+                # First what a run that died half-way left (still counted), then the expired.
+                for row, outcome in [*self._finish_interrupted_deletes(remover),
+                                     *self._delete_expired(remover, where, args)]:
                     rel = row[2]
                     if outcome in (DELETED, MISSING):
                         report.deleted.append(self._abs(rel))
                         report.freed_bytes += row[3]
                         touched.add(rel.rpartition("/")[0])
-                    else:
-                        kept_rows.append(row)
-                        (report.skipped if outcome == UNSAFE else report.kept).append(self._abs(rel))
-                if kept_rows:
-                    # Still on disk, so still counted: the next run tries again.
-                    with self.ledger.write() as conn:
-                        self.ledger.restore(conn, kept_rows)
+                    else:  # still on disk, so still counted: the next run tries again
+                        {UNSAFE: report.skipped, IN_USE: report.kept}.get(outcome, report.failed).append(
+                            self._abs(rel))
                 for rel in temp_files:
                     outcome = remover.unlink(rel)
                     if outcome in (DELETED, MISSING):
                         report.temp_files.append(self._abs(rel))
                     elif outcome != UNSAFE:
-                        report.kept.append(self._abs(rel))
+                        (report.kept if outcome == IN_USE else report.failed).append(self._abs(rel))
                 candidates = touched | set(self._dirs_left_empty(set(), user_id, only_empty=True))
                 report.empty_dirs = [self._abs(d) for d in sorted(candidates) if remover.rmdir(d)]
             with self.ledger.write() as conn:
@@ -576,33 +590,48 @@ class StorageManager:
 
     def _delete_expired(self, remover: SafeRemover, where: str, args: list, batch: int = 10_000,
                         workers: int = 2) -> list[tuple[tuple, str]]:
-        """Delete matching rows in batches and their files, overlapping the two.
+        """Delete matching images in batches, overlapping the ledger and the disk work.
 
-        Returns (row, outcome) for every deleted row; rows whose outcome is not
-        DELETED or MISSING must be restored by the caller. Each batch's rows are
-        committed before any of its files is unlinked (so a crash leaves files
-        without rows, which check adopts, never the reverse); while threads unlink
-        one batch folder by folder, the next batch's rows are being deleted.
-        Unlinking waits on the filesystem, not on Python, so the threads overlap.
+        Each batch's rows move to ``deleting`` (still counted) and commit; threads
+        unlink the batch folder by folder while the next batch's rows move; then
+        every row is settled: uncounted if its file is gone, back in ``images`` if
+        not. A crash anywhere leaves rows in ``deleting``, which the next run
+        finishes. Unlinking waits on the filesystem, not on Python, so the threads
+        overlap. Returns (row, outcome) for every row.
         """
         from concurrent.futures import ThreadPoolExecutor
-
-        def unlink_folder(rel_dir: str, group: list[tuple]) -> list[tuple[tuple, str]]:
-            outcomes = remover.unlink_all(rel_dir, [r[2].rpartition("/")[2] for r in group])
-            return list(zip(group, outcomes))
 
         pending = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
             while True:
                 with self.ledger.write() as conn:
-                    rows = self.ledger.delete_many(conn, where, args, limit=batch)
+                    rows = self.ledger.begin_delete(conn, where, args, limit=batch)
                 if not rows:
                     break
-                by_folder: dict[str, list[tuple]] = {}
-                for row in rows:
-                    by_folder.setdefault(row[2].rpartition("/")[0], []).append(row)
-                pending += [pool.submit(unlink_folder, d, g) for d, g in by_folder.items()]
-        return [pair for future in pending for pair in future.result()]
+                pending += [pool.submit(self._unlink_rows, remover, group) for group in _by_folder(rows)]
+        return self._settle_deletes([pair for future in pending for pair in future.result()])
+
+    @staticmethod
+    def _unlink_rows(remover: SafeRemover, rows: list[tuple]) -> list[tuple[tuple, str]]:
+        """Unlink the files of rows that share one folder; (row, outcome) for each."""
+        rel_dir = rows[0][2].rpartition("/")[0]
+        return list(zip(rows, remover.unlink_all(rel_dir, [r[2].rpartition("/")[2] for r in rows])))
+
+    def _settle_deletes(self, results: list[tuple[tuple, str]]) -> list[tuple[tuple, str]]:
+        if results:
+            with self.ledger.write() as conn:
+                self.ledger.end_delete(conn, [r for r, o in results if o in (DELETED, MISSING)],
+                                       [r for r, o in results if o not in (DELETED, MISSING)])
+        return results
+
+    def _finish_interrupted_deletes(self, remover: SafeRemover) -> list[tuple[tuple, str]]:
+        """Finish deletes that a process dying half-way left in ``deleting`` (their
+        files still counted). Called under the maintenance lock; a delete still in
+        flight elsewhere is harmless to finish too: settling is idempotent."""
+        with self.ledger.read() as conn:
+            rows = conn.execute("SELECT id, user_id, rel_path, size, format, created_at, meta FROM deleting "
+                                "ORDER BY created_at, id").fetchall()
+        return self._settle_deletes([pair for group in _by_folder(rows) for pair in self._unlink_rows(remover, group)])
 
     def _dirs_left_empty(self, doomed: set[str], user_id: str | None, only_empty: bool = False) -> list[str]:
         """User folders that hold nothing once ``doomed`` files are gone (or, with
@@ -647,6 +676,7 @@ class StorageManager:
 
     def _check_locked(self, fix: bool, now: float) -> CheckReport:
         report = CheckReport(fix)
+        self._check_interrupted_deletes(report, fix, now)
         try:
             suspects, foreign, report.files_checked, drift, report.scan_processes = self._scan()
         except sqlite3.Error as exc:  # from the scan's own read-only connections
@@ -763,6 +793,23 @@ class StorageManager:
                              if rel[:rel.rindex("/") + 1] not in scanned]
         return suspects, foreign, seen, drift, processes
 
+    def _check_interrupted_deletes(self, report: CheckReport, fix: bool, now: float) -> None:
+        """Deletes a process left half-done: their files are still counted; --fix finishes them."""
+        if fix:
+            with SafeRemover(self.root) as remover:
+                for row, outcome in self._finish_interrupted_deletes(remover):
+                    report.problems.append(Problem(
+                        "interrupted_delete", self._abs(row[2]),
+                        f"image {row[0]}'s delete was interrupted; " + (
+                            "finished" if outcome in (DELETED, MISSING) else "its file could not be removed: kept"),
+                        fixed=True))
+            return
+        with self.ledger.read() as conn:
+            rows = conn.execute("SELECT id, rel_path FROM deleting WHERE since < ?", (now - 60,)).fetchall()
+        for image_id, rel in rows:  # younger ones are most likely a delete in progress right now
+            report.problems.append(Problem("interrupted_delete", self._abs(rel),
+                                           f"image {image_id}'s delete was interrupted; still counted in the quota"))
+
     def _verify_file(self, rel: str) -> tuple[int, str | None, str] | None:
         """(size, format or None, why not an image) for a file on disk; None if it is gone
         or not a plain file. Opened without following a link."""
@@ -847,7 +894,8 @@ class StorageManager:
         """Compare the kept totals with sums over the rows: (users that differ or True for
         the overall line, the right overall totals, per-user truth, per-user reservations)."""
         truth = {u: (b, f) for u, b, f in conn.execute(
-            "SELECT user_id, SUM(size), COUNT(*) FROM images GROUP BY user_id")}
+            "SELECT user_id, SUM(size), COUNT(*) FROM (SELECT user_id, size FROM images "
+            "UNION ALL SELECT user_id, size FROM deleting) GROUP BY user_id")}
         held = dict(conn.execute("SELECT user_id, SUM(bytes) FROM reservations GROUP BY user_id").fetchall())
         recorded = {u: (b, f, r) for u, b, f, r in conn.execute("SELECT user_id, bytes, files, reserved FROM usage")}
         wrong = [u for u in set(truth) | set(recorded) | set(held)
@@ -892,8 +940,10 @@ def _scan_users(ledger: str, base: str, names: list[str]) -> tuple[list[str], li
         for name in names:
             prefix = f"{USERS_DIR}/{name}/"
             # '0' sorts right after '/': this is the range of paths inside the folder
-            rows = dict(conn.execute("SELECT rel_path, size FROM images WHERE rel_path >= ? AND rel_path < ?",
-                                     (prefix, prefix[:-1] + "0")))
+            # Files of an interrupted delete are known too: `deleting` still counts them.
+            rows = dict(conn.execute("SELECT rel_path, size FROM images WHERE rel_path >= ?1 AND rel_path < ?2 "
+                                     "UNION ALL SELECT rel_path, size FROM deleting WHERE rel_path >= ?1 "
+                                     "AND rel_path < ?2", (prefix, prefix[:-1] + "0")))
             examined += len(rows)
             folder = os.path.join(base, name)
             try:

@@ -250,6 +250,18 @@ class QuotaManager:
             )
         return True
 
+    def charge(self, conn: sqlite3.Connection, reservation: Reservation) -> None:
+        """Count the daily slot of a generation whose image is being stored: by settling
+        its reservation, or, if that was already settled (used for another image,
+        refunded, or reclaimed after an hour), as a new generation that must fit under
+        today's limit. One paid image is never stored without one slot counted."""
+        if self.settle(conn, reservation, charge=True):
+            return
+        day = self.today()
+        self._check_generations(conn, reservation.user_id, 1, 0, day)
+        conn.execute("INSERT INTO daily (user_id, day, used) VALUES (?, ?, 1) "
+                     "ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1", (reservation.user_id, day))
+
     def confirm(self, reservation: Reservation) -> None:
         """The generation succeeded: the daily slot is spent, the held room freed."""
         with self.ledger.write() as conn:
