@@ -17,15 +17,29 @@ ABBY_ENV = [
 ]
 
 
+# Where the autouse fixture points every per-user and machine-wide folder, as
+# (environment variable, sub-folder of the test's temp home). platformdirs reads
+# XDG_* on Linux and (when set) on macOS, HOME otherwise on macOS. On Windows it
+# asks the Known Folders API and ignores APPDATA & co.; only its WIN_PD_OVERRIDE_*
+# variables (platformdirs >= 4.8) redirect it. APPDATA/LOCALAPPDATA/PROGRAMDATA
+# and USERPROFILE (Path.home() on Windows) are set too, for everything else the
+# tests start.
+ISOLATED_DIRS = [
+    ("HOME", ""), ("USERPROFILE", ""),
+    ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state"),
+    ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_DIRS", "site"), ("XDG_DATA_DIRS", "site-data"),
+    ("APPDATA", "appdata"), ("LOCALAPPDATA", "localappdata"), ("PROGRAMDATA", "programdata"),
+    ("WIN_PD_OVERRIDE_APPDATA", "appdata"), ("WIN_PD_OVERRIDE_LOCAL_APPDATA", "localappdata"),
+    ("WIN_PD_OVERRIDE_COMMON_APPDATA", "programdata"),
+]
+
+
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
     for var in ABBY_ENV:
         monkeypatch.delenv(var, raising=False)
-    # platformdirs reads these on Linux (XDG_*), macOS (HOME) and Windows (APPDATA...).
-    for var, sub in [("HOME", ""), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
-                     ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_DIRS", "site"),
-                     ("APPDATA", "appdata"), ("LOCALAPPDATA", "localappdata"), ("PROGRAMDATA", "programdata")]:
+    for var, sub in ISOLATED_DIRS:
         monkeypatch.setenv(var, str(home / sub))
     monkeypatch.setenv("NO_COLOR", "1")
     yield home
