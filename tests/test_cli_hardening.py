@@ -171,7 +171,8 @@ def test_quota_never_shows_100_percent_for_a_store_that_is_not_full(cfg, tmp_pat
 
 # --- D3: the log file -------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.skipif(os.name == "nt" or not os.path.exists("/dev/full"),
+                    reason="needs /dev/full, a POSIX device (Windows has none)")
 def test_an_unwritable_log_warns_once_and_the_command_goes_on(cfg):
     result = abby(cfg, "--log-file", "/dev/full", "cleanup")
     assert result.returncode == 0 and "Deleted 0 image(s)" in result.stdout
@@ -203,7 +204,7 @@ def test_a_broken_config_of_a_logged_command_is_logged(tmp_path):
 
 def test_an_unexpected_error_is_logged_with_its_traceback_redacted(tmp_path, monkeypatch):
     key = "sk-abcdefghijklmnop0123456789"
-    cfg = write_config(tmp_path / "abby.toml", f'[storage]\nroot = "{tmp_path / "store"}"\n'
+    cfg = write_config(tmp_path / "abby.toml", f"[storage]\nroot = '{tmp_path / 'store'}'\n"
                                                f'[generation]\napi_key = "{key}"\n')
     log = tmp_path / "abby.log"
 

@@ -4,6 +4,7 @@ ledger always matches the bytes on disk."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,17 +20,22 @@ SIZE = 100 * 1024
 
 
 def run_workers(root, jobs, limits):
-    start_at = time.time() + 1.0  # every process is up and waiting by then
+    # Every process is up and waiting by then (a Windows process takes longer to start).
+    start_at = time.time() + (1.0 if os.name == "posix" else 6.0)
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(root), action, user, str(count), str(SIZE), str(start_at),
                           json.dumps(limits)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for action, user, count in jobs
     ]
+    # Each worker reports, then (for "reserve") holds its reservations until all have reported.
+    lines = [p.stdout.readline() for p in procs]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "release").touch()
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        results.append(json.loads(out))
+    for p, line in zip(procs, lines):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and line, err
+        results.append(json.loads(line))
     return results
 
 

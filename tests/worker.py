@@ -22,7 +22,11 @@ from conftest import make_png  # noqa: E402
 
 
 def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    """End at once, with no clean-up of any kind: SIGKILL, or on Windows (which has no
+    signals) the closest thing, an immediate exit that runs no finally or atexit code."""
+    if hasattr(signal, "SIGKILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(137)
 
 
 def main() -> None:
@@ -64,12 +68,14 @@ def main() -> None:
             ok += 1
         except QuotaExceeded:
             refused += 1
+    print(json.dumps({"ok": ok, "refused": refused}), flush=True)
     if action == "reserve":
-        # Hold the reservations while the other workers compete: a finished (dead)
+        # Hold the reservations until every worker has reserved: a finished (dead)
         # process's reservations are reclaimed at once, as a crashed bot's are.
-        while time.time() < float(start_at) + 3:
+        release = Path(root) / "release"
+        deadline = time.time() + 120
+        while not release.exists() and time.time() < deadline:
             time.sleep(0.01)
-    print(json.dumps({"ok": ok, "refused": refused}))
 
 
 if __name__ == "__main__":
