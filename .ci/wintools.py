@@ -34,6 +34,25 @@ del _winapi.CopyFile2
 # platform.* asks WMI, which reaches a Wine stub that aborts the process (exit
 # 0x80000100); without _wmi, platform reads the registry instead.
 sys.modules["_wmi"] = None
+
+
+# Under load, Wine's CreateProcess now and then fails with ERROR_INTERNAL_ERROR (1359)
+# for a command that works when run again; real Windows does not do this.
+def _retrying(create, attempts=5):
+    def create_process(*args):
+        import time
+
+        for attempt in range(attempts):
+            try:
+                return create(*args)
+            except OSError as exc:
+                if getattr(exc, "winerror", None) != 1359 or attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    return create_process
+
+
+_winapi.CreateProcess = _retrying(_winapi.CreateProcess)
 """
 
 

@@ -7,15 +7,12 @@ either way no clean-up code of abby's runs."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from abbycli import StorageManager
 from conftest import make_png

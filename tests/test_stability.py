@@ -239,15 +239,21 @@ def test_client_errors_are_mapped_and_never_retried(response, exc, text):
     assert result.exit_code == 4
 
 
-def test_429_then_200_is_retried_honouring_retry_after(monkeypatch):
-    sleeps = []
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The waits retries ask for, recorded instead of slept."""
+    waits: list[float] = []
     real_sleep = asyncio.sleep
 
     async def fake_sleep(seconds, *a):
-        sleeps.append(seconds)
+        waits.append(seconds)
         await real_sleep(0)
 
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    return waits
+
+
+def test_429_then_200_is_retried_honouring_retry_after(sleeps):
     rec = Recorder(httpx.Response(429, headers={"Retry-After": "7"}, json={"errors": ["slow down"]}), ok_image)
     [image] = run(generate(gen(rec), ImageRequest("text-to-image", prompt="x")))
     assert image.finish_reason == "SUCCESS" and len(rec.requests) == 2
@@ -440,15 +446,7 @@ def test_a_connection_error_message_is_redacted():
     assert isinstance(result, ProviderUnavailable) and KEY not in str(result)
 
 
-def test_each_retry_is_logged_with_its_wait_and_reason(monkeypatch, caplog):
-    sleeps = []
-    real_sleep = asyncio.sleep
-
-    async def fake_sleep(seconds, *a):
-        sleeps.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+def test_each_retry_is_logged_with_its_wait_and_reason(sleeps, caplog):
     caplog.set_level("INFO", logger="abby")
     rec = Recorder(httpx.Response(429, headers={"Retry-After": "7"}, json={"errors": ["slow down"]}))
     [result] = run(generate(gen(rec, max_attempts=3), ImageRequest("text-to-image", prompt="x")))
