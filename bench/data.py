@@ -32,6 +32,7 @@ def build_store(root: Path, files: int, users: int, expired: int = 0, size: int 
     """A store with ``files`` images spread over ``users``; the first ``expired`` are ``age_days`` old."""
     sm = StorageManager(root, max_global_storage_mb=10**6, max_user_storage_mb=10**5, max_user_daily_gens=10**6)
     sm._prepare()
+    sm.ledger.open()  # an empty ledger first: made after the files, it would be rebuilt from them
     data = png_bytes(size)
     now = time.time()
     rows = []

@@ -109,9 +109,12 @@ def save_path(s: Settings) -> list[Row]:
     sm.close()
     note = (f"store of {files:,} images over {users:,} users; 1.5 MiB PNG; both sides fsync the file "
             "(abby also fsyncs the folder)")
+    decode = ("store() decodes every image before writing it (and checks a PNG's CRCs); this PNG is 16x16 "
+              "pixels padded to 1.5 MiB, so the figure is the storage path alone. A real 1024x1024 PNG adds "
+              "about 14 ms of decoding, measured apart: that is the price of never storing a broken image")
     return [
         Row("1. save_image vs floor", "abby store()", "temp write + fsync + os.replace", vs_floor, "≤ 1.3×", 1.3,
-            [note]),
+            [note, decode]),
         Row("1. save_image vs diskcache", "abby store()", "diskcache Cache.set (file and folder fsynced)", vs_dc,
             "≤ 1.0×", 1.0, ["diskcache gets abby's durability: its value file and folder are fsynced; "
                             "its SQLite is WAL + synchronous=NORMAL like abby's"]),

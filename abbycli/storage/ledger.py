@@ -99,7 +99,7 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS deleting (
     id         INTEGER PRIMARY KEY,
     user_id    TEXT    NOT NULL,
-    rel_path   TEXT    NOT NULL UNIQUE,
+    rel_path   TEXT    NOT NULL,
     size       INTEGER NOT NULL,
     format     TEXT,
     created_at REAL    NOT NULL,
@@ -313,16 +313,17 @@ class Ledger:
         """
         import time
 
+        # Copied and deleted in SQL, without a round trip through Python per row.
+        conn.execute(
+            "INSERT INTO deleting (id, user_id, rel_path, size, format, created_at, meta, since) "
+            f"SELECT id, user_id, rel_path, size, format, created_at, meta, ? FROM images WHERE {where} "
+            "ORDER BY created_at, id LIMIT ?", [time.time(), *args, limit])
         conn.execute("UPDATE bulk_delete SET active = 1")  # the per-row trigger would uncount them now
-        rows = conn.execute(
-            f"DELETE FROM images WHERE id IN (SELECT id FROM images WHERE {where} ORDER BY created_at, id LIMIT ?) "
-            "RETURNING id, user_id, rel_path, size, format, created_at, meta",
-            [*args, limit],
-        ).fetchall()
+        # Rows already in `deleting` (an interrupted run's, a delete in flight) are no longer
+        # in `images`: this removes exactly the rows just copied.
+        rows = conn.execute("DELETE FROM images WHERE id IN (SELECT id FROM deleting) "
+                            "RETURNING id, user_id, rel_path, size, format, created_at, meta").fetchall()
         conn.execute("UPDATE bulk_delete SET active = 0")
-        since = time.time()
-        conn.executemany("INSERT INTO deleting (id, user_id, rel_path, size, format, created_at, meta, since) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(*r, since) for r in rows])
         rows.sort(key=lambda r: (r[5], r[0]))
         return rows
 
@@ -334,10 +335,14 @@ class Ledger:
         Only rows still in ``deleting`` are settled, so settling twice (a crashed run's
         rows finished by two runs) never uncounts anything twice.
         """
+        rows = {r[0]: r for r in [*gone, *kept]}
         settled: dict[int, tuple] = {}
-        for row in [*gone, *kept]:
-            if conn.execute("DELETE FROM deleting WHERE id = ?", (row[0],)).rowcount:
-                settled[row[0]] = row
+        ids = list(rows)
+        for i in range(0, len(ids), 500):  # well under SQLite's limit on bound parameters
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for (image_id,) in conn.execute(f"DELETE FROM deleting WHERE id IN ({marks}) RETURNING id", chunk):
+                settled[image_id] = rows[image_id]
         per_user: dict[str, list[int]] = {}
         for _id, user, _rel, size, *_ in settled.values():
             totals = per_user.setdefault(user, [0, 0])
