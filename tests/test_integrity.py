@@ -459,3 +459,13 @@ def test_an_image_cut_and_padded_to_its_length_is_refused(storage, kind):
     with pytest.raises(InvalidInput, match="damaged"):
         storage.store(half, "alice")
     assert storage.store(data + b"trailing bytes", "alice").size == len(data) + 14  # a tail is harmless
+
+
+def test_a_tampered_ledger_path_is_never_acted_on(storage, root):
+    image = storage.store(make_png(1000), "alice")
+    with storage.ledger.write() as conn:
+        conn.execute("UPDATE images SET rel_path = 'images/users/alice/..' WHERE id = ?", (image.id,))
+    other = storage.store(make_png(1001), "alice")
+    report = storage.cleanup(older_than_days=0)
+    assert report.deleted == [str(other.path)] and len(report.skipped) == 1
+    assert (root / "images" / "users").is_dir() and image.path.exists()

@@ -105,8 +105,14 @@ class SafeRemover:
 
     def unlink_all(self, rel_dir: str, names: list[str]) -> list[str]:
         """Remove files of one folder; one outcome per name (see the constants above)."""
-        if any(n in ("", ".", "..") or "/" in n for n in names):
-            raise ValueError("bare file names only")
+        # Only a tampered ledger names a file like '..' or 'a/b': never act on one.
+        bad = {i for i, n in enumerate(names) if n in ("", ".", "..") or "/" in n or "\\" in n}
+        done = iter(self._unlink_names(rel_dir, [n for i, n in enumerate(names) if i not in bad]))
+        return [UNSAFE if i in bad else next(done) for i in range(len(names))]
+
+    def _unlink_names(self, rel_dir: str, names: list[str]) -> list[str]:
+        if not names:
+            return []
         if not _POSIX:
             return self._unlink_all_windows(rel_dir, names)
         try:
