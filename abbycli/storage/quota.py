@@ -77,7 +77,7 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidInput(f"{name} must be a number, got {value!r}")
             if not MIN_MB <= value <= MAX_MB:
-                raise InvalidInput(f"{name} must be between {MIN_MB} and {MAX_MB:,} MiB, got {value!r}")
+                raise InvalidInput(f"{name} must be between 1 KiB and 16 TiB (given in MiB), got {value!r}")
         if isinstance(daily_gens, bool) or not isinstance(daily_gens, int) or not 1 <= daily_gens <= MAX_DAILY_GENS:
             raise InvalidInput(f"max_user_daily_gens must be a whole number from 1 to {MAX_DAILY_GENS:,}, "
                                f"got {daily_gens!r}")
@@ -111,8 +111,6 @@ def too_big_for_user(nbytes: int, cap: int) -> str:
 def _status(used: int, total: int) -> tuple[float, str]:
     """(percentage, status). The percentage is rounded down, so a store one byte
     short of its cap reads 99.99 %, never a 100 % that is not FULL."""
-    import math
-
     percentage = math.floor(used * 10000 / total) / 100
     if used >= total:
         return percentage, "FULL"
