@@ -136,11 +136,9 @@ class SafeRemover:
 
     def _unlink_all_windows(self, rel_dir: str, names: list[str]) -> list[str]:
         # No dir_fd: refuse to go through any reparse point on the way instead.
-        parts = rel_dir.split("/") if rel_dir else []
-        for i in range(1, len(parts) + 1):
-            if is_link(self.root.joinpath(*parts[:i])):
-                return [UNSAFE] * len(names)
-        folder = self.root.joinpath(*parts)
+        if self._link_on_the_way(rel_dir):
+            return [UNSAFE] * len(names)
+        folder = self.root.joinpath(*rel_dir.split("/"))
         out = []
         for name in names:
             try:
@@ -152,6 +150,11 @@ class SafeRemover:
             except OSError as exc:
                 out.append(_outcome(exc))
         return out
+
+    def _link_on_the_way(self, rel_dir: str) -> bool:
+        """Windows: whether any folder from the root down to ``rel_dir`` is a reparse point."""
+        parts = rel_dir.split("/") if rel_dir else []
+        return any(is_link(self.root.joinpath(*parts[:i])) for i in range(1, len(parts) + 1))
 
     def unlink(self, rel_path: str) -> str:
         """Remove one file; returns its outcome."""
@@ -177,8 +180,7 @@ class SafeRemover:
                     if owned:
                         os.close(fd)
             else:
-                if any(is_link(self.root.joinpath(*rel_dir.split("/")[:i]))
-                       for i in range(1, rel_dir.count("/") + 2)):
+                if self._link_on_the_way(rel_dir):
                     return False
                 os.rmdir(self.root.joinpath(*rel_dir.split("/")))
         except OSError:
