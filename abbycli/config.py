@@ -68,17 +68,17 @@ class Bounded:
 
 
 MAX_MIB = 16 * 1024 * 1024  # 16 TiB: far beyond any one store, and exact in a 64-bit byte count
-_SIZE = Bounded(0.001, MAX_MIB, "MiB (16 TiB)")  # 0.001 MiB is 1048 bytes, never 0
+SIZE = Bounded(0.001, MAX_MIB, "MiB (16 TiB)")  # 0.001 MiB is 1048 bytes, never 0
 
 
-def _string(value: Any) -> str:
+def string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {value!r}")
     return value
 
 
-def _non_empty(value: Any) -> str:
-    value = _string(value)
+def non_empty(value: Any) -> str:
+    value = string(value)
     if not value.strip():
         raise ValueError("must not be empty")
     return value
@@ -87,7 +87,7 @@ def _non_empty(value: Any) -> str:
 def _timezone(value: Any) -> str:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    value = _non_empty(value)
+    value = non_empty(value)
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
@@ -95,8 +95,8 @@ def _timezone(value: Any) -> str:
     return value
 
 
-def _url(value: Any) -> str:
-    value = _non_empty(value).rstrip("/")
+def http_url(value: Any) -> str:
+    value = non_empty(value).rstrip("/")
     if not value.startswith(("https://", "http://")):
         raise ValueError(f"must start with https:// or http://, got {value!r}")
     return value
@@ -106,41 +106,25 @@ def _user_id(value: Any) -> str:
     from .storage.names import validate_user_id
 
     try:
-        return validate_user_id(_non_empty(value))
+        return validate_user_id(non_empty(value))
     except InvalidInput as exc:
         raise ValueError(str(exc)) from None
 
 
-def _model(value: Any) -> str:
-    from .generation.request import family
-
-    value = _non_empty(value)
-    try:
-        family(value)
-    except InvalidInput as exc:
-        raise ValueError(str(exc)) from None
-    return value
-
-
-def _upscale_mode(value: Any) -> str:
-    from .generation.request import UPSCALE_MODES
-
-    value = _non_empty(value)
-    if value not in UPSCALE_MODES:
-        raise ValueError(f"unknown upscale mode {value!r}; choose one of: {', '.join(UPSCALE_MODES)}")
-    return value
-
-
-def _api_key(value: Any) -> str:
+def api_key(value: Any) -> str:
     from .secrets import clean_api_key
 
     return clean_api_key(value)  # its messages never contain the key
 
 
 def _provider(value: Any) -> str:
-    value = _non_empty(value)
-    if value != "stability":
-        raise ValueError(f"unknown provider {value!r} (the only provider is 'stability')")
+    from .generation.provider import load
+
+    value = non_empty(value)
+    try:
+        load(value)  # installed, and a Provider
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 
@@ -156,11 +140,11 @@ class Key:
 
     @property
     def section(self) -> str:
-        return self.name.split(".")[0]
+        return self.name.rpartition(".")[0]  # "storage", or "providers.openai" for a provider's key
 
     @property
     def short(self) -> str:
-        return self.name.split(".")[1]
+        return self.name.rpartition(".")[2]
 
     def parse_text(self, text: str) -> Any:
         """Turn text from an env var or the command line into a typed value."""
@@ -173,7 +157,7 @@ class Key:
         return self.check(raw)
 
 
-def _num_text(text: str) -> int | float:
+def number_text(text: str) -> int | float:
     try:
         return int(text)
     except ValueError:
@@ -183,50 +167,55 @@ def _num_text(text: str) -> int | float:
 KEYS: dict[str, Key] = {
     k.name: k
     for k in [
-        Key("storage.root", _non_empty, None,
+        Key("storage.root", non_empty, None,
             "Folder holding images/, temp/ and the .abby/ ledger. A relative path is relative\n"
             "to this file's folder. Default: <user data dir>/shared.", env="STORAGE_ROOT"),
-        Key("storage.max_global_storage_mb", _SIZE, 5000,
-            "Cap on all stored images together, in MiB.", env="MAX_GLOBAL_STORAGE_MB", from_text=_num_text),
-        Key("storage.max_user_storage_mb", _SIZE, 500,
+        Key("storage.max_global_storage_mb", SIZE, 5000,
+            "Cap on all stored images together, in MiB.", env="MAX_GLOBAL_STORAGE_MB", from_text=number_text),
+        Key("storage.max_user_storage_mb", SIZE, 500,
             "Cap on one user's stored images, in MiB. Must not exceed the global cap.",
-            env="MAX_USER_STORAGE_MB", from_text=_num_text),
+            env="MAX_USER_STORAGE_MB", from_text=number_text),
         Key("storage.max_user_daily_gens", Bounded(1, 1_000_000, whole=True), 5,
-            "Paid generations one user may start per day.", env="MAX_USER_DAILY_GENS", from_text=_num_text),
+            "Paid generations one user may start per day.", env="MAX_USER_DAILY_GENS", from_text=number_text),
         Key("storage.cleanup_days", Bounded(0.001, 36_500, "days (100 years)"), 7,
             "`abby cleanup` deletes images created more than this many days ago.",
-            env="STORAGE_CLEANUP_DAYS", from_text=_num_text),
-        Key("storage.image_generation_size_mb", _SIZE, 1.5,
+            env="STORAGE_CLEANUP_DAYS", from_text=number_text),
+        Key("storage.image_generation_size_mb", SIZE, 1.5,
             "Room (MiB) a generation reserves before its image exists. Must not exceed the per-user\n"
             "cap, or no generation could ever start.", env="IMAGE_GEN_SIZE_MB",
-            from_text=_num_text),
+            from_text=number_text),
         Key("storage.daily_reset_timezone", _timezone, "UTC",
             "IANA time zone whose midnight starts a new daily allowance."),
-        Key("generation.provider", _provider, "stability", "Image provider. Only 'stability' for now."),
-        Key("generation.api_host", _url, "https://api.stability.ai", "Base URL of the provider's API.",
-            env="STABILITY_API_HOST"),
-        Key("generation.api_key", _api_key, None,
-            "API key. Prefer the STABILITY_API_KEY environment variable; if you set it here,\n"
+        Key("generation.provider", _provider, "stability",
+            "Default image provider: stability, openai, automatic1111, comfyui, local, or an installed\n"
+            "plugin's name (`abby providers` lists them). Each one's settings are in [providers.<name>].",
+            env="ABBY_PROVIDER"),
+        # The Stability provider's settings from before there were providers: still read, so
+        # existing files and STABILITY_* variables keep working ([providers.stability] wins).
+        Key("generation.api_host", http_url, "https://api.stability.ai",
+            "Stability: base URL of the API (same as providers.stability.api_host).", env="STABILITY_API_HOST"),
+        Key("generation.api_key", api_key, None,
+            "Stability: API key. Prefer the STABILITY_API_KEY environment variable; if you set it here,\n"
             "keep this file private (abby writes it with mode 0600).", env="STABILITY_API_KEY", secret=True),
-        Key("generation.model", _model, "core",
-            "Default text-to-image model: core, ultra, sd3.5-large, sd3.5-large-turbo, sd3.5-medium,\n"
-            "sd3.5-flash, or a v1 engine id such as stable-diffusion-xl-1024-v1-0."),
-        Key("generation.img2img_model", _model, "sd3.5-large", "Default image-to-image model."),
-        Key("generation.upscale_mode", _upscale_mode, None,
-            "Default upscale mode: fast, conservative, creative, esrgan or local.\n"
+        Key("generation.model", non_empty, "core",
+            "Stability: default text-to-image model: core, ultra, sd3.5-large, sd3.5-large-turbo,\n"
+            "sd3.5-medium, sd3.5-flash, or a v1 engine id such as stable-diffusion-xl-1024-v1-0."),
+        Key("generation.img2img_model", non_empty, "sd3.5-large", "Stability: default image-to-image model."),
+        Key("generation.upscale_mode", non_empty, None,
+            "Stability: default upscale mode: fast, conservative, creative, esrgan or local.\n"
             "Default: fast when an API key is set, local (offline, free) when not."),
         Key("generation.upscale_timeout", Bounded(1, 1800, "seconds"), 600,
-            "Seconds to wait for a creative upscale to finish. At most 30 minutes: the storage\n"
+            "Stability: seconds to wait for a creative upscale to finish. At most 30 minutes: the storage\n"
             "reservation a request holds is reclaimed as abandoned after an hour, so a request\n"
-            "must always end well before that.", from_text=_num_text),
+            "must always end well before that.", from_text=number_text),
         Key("generation.max_megapixels", Bounded(0.01, 89, "megapixels"), 40,
             "Largest image, in megapixels (million pixels), that abby reads as an input or makes\n"
             "locally; larger ones are refused before any memory is spent on them. At most 89:\n"
             "the store refuses images beyond Pillow's decompression-bomb limit (89.5 megapixels).",
-            from_text=_num_text),
+            from_text=number_text),
         Key("cli.default_user", _user_id, None,
             "User id the command line acts for when --user is not given."),
-        Key("cli.log_file", _non_empty, None,
+        Key("cli.log_file", non_empty, None,
             "Log of unattended commands (cleanup, check --fix, schedule) and generation failures,\n"
             "rotated at 1 MiB, 5 kept. Relative paths are relative to this file's folder.\n"
             "Default: <user log dir>/abby.log."),
@@ -295,10 +284,37 @@ class Settings:
     cli: CliSettings
     config_path: Path | None  # the file in use, if any
     sources: Mapping[str, str]  # dotted key -> "default" | "file" | "env" | "flag"
+    provider_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # [providers.<name>]
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # the environment it was loaded with
 
     def value(self, name: str) -> Any:
         key = KEYS[name]
         return getattr(getattr(self, key.section), key.short)
+
+    def provider_config(self, name: str) -> dict[str, Any]:
+        """Every setting of provider ``name``, each from (highest first) its environment
+        variable, its [providers.<name>] table, a legacy [generation] key, or its default."""
+        from .generation.provider import load
+
+        cls = load(name)
+        table = self.provider_tables.get(name, {})
+        out: dict[str, Any] = {}
+        for key in cls.settings:
+            legacy = cls.legacy.get(key.short)
+            try:
+                if key.env and self.env.get(key.env, "") != "":
+                    where = f"environment variable {key.env}"
+                    out[key.short] = key.parse_text(self.env[key.env])
+                elif key.short in table:
+                    out[key.short] = table[key.short]
+                elif legacy and self.sources.get(legacy, "default") != "default":
+                    where = _origin(legacy, self.sources, self.config_path) + f" ({legacy})"
+                    out[key.short] = key.check(self.value(legacy))
+                else:
+                    out[key.short] = key.default
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return out
 
 
 def search_list(env: Mapping[str, str] | None = None) -> list[tuple[str, Path]]:
@@ -353,13 +369,20 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 def check_document(doc: dict[str, Any], where: str) -> dict[str, Any]:
-    """Validate a parsed config file; return {dotted key: clean value}."""
+    """Validate a parsed config file; return {dotted key: clean value}. A provider's table
+    ``[providers.<name>]`` is checked by that provider's own keys."""
     values: dict[str, Any] = {}
     for section, table in doc.items():
+        if section == "providers" and isinstance(table, dict):
+            from .generation.provider import validate_table
+
+            for name, sub in table.items():
+                values.update({f"providers.{name}.{k}": v for k, v in validate_table(name, sub, where).items()})
+            continue
         if section not in SECTIONS and not isinstance(table, dict):
             raise ConfigError(f"{where}: {_outside_section(section)}")
         if section not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section [{section}]{_suggest(section, list(SECTIONS))}")
+            raise ConfigError(f"{where}: unknown section [{section}]{_suggest(section, list(SECTIONS) + ['providers'])}")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: '{section}' must be a table ([{section}])")
         for short, raw in table.items():
@@ -371,6 +394,22 @@ def check_document(doc: dict[str, Any], where: str) -> dict[str, Any]:
             except ValueError as exc:
                 raise ConfigError(f"{where}: {name}: {exc}") from None
     return values
+
+
+def key_for(name: str) -> Key:
+    """The Key for a dotted name: one of KEYS, or ``providers.<provider>.<key>``."""
+    if name in KEYS:
+        return KEYS[name]
+    if name.startswith("providers.") and name.count(".") == 2:
+        from .generation.provider import load, suggest
+
+        _, provider, short = name.split(".")
+        keys = {k.short: k for k in load(provider).settings}
+        if short in keys:
+            return keys[short]
+        raise ConfigError(f"unknown key '{name}'{suggest(short, keys)}; provider {provider} has: "
+                          f"{', '.join(keys) or 'no settings'}")
+    raise ConfigError(f"unknown key '{name}'{_suggest(name, list(KEYS))}")
 
 
 def _outside_section(name: str) -> str:
@@ -399,9 +438,14 @@ def load_settings(
     values: dict[str, Any] = {name: key.default for name, key in KEYS.items()}
     sources = {name: "default" for name in KEYS}
 
+    tables: dict[str, dict[str, Any]] = {}  # [providers.<name>] tables, checked
     if path is not None:
         for name, value in check_document(read_toml(path), str(path)).items():
-            values[name], sources[name] = value, "file"
+            if name.startswith("providers."):
+                _, provider, short = name.split(".")
+                tables.setdefault(provider, {})[short] = value
+            else:
+                values[name], sources[name] = value, "file"
     for name, key in KEYS.items():
         if key.env and env.get(key.env, "") != "":
             try:
@@ -453,6 +497,8 @@ def load_settings(
         cli=CliSettings(**cli),
         config_path=path,
         sources=sources,
+        provider_tables=tables,
+        env=dict(env),
     )
 
 
@@ -525,6 +571,12 @@ def render_template(values: Mapping[str, Any] | None = None) -> str:
                 lines.append("# " + tomli_w.dumps({key.short: key.default}).strip())
             lines.append("")
         lines.pop()
+    for section in dict.fromkeys(n.rpartition(".")[0] for n in values if n.startswith("providers.")):
+        lines += ["", f"[{section}]"]
+        for name in (n for n in values if n.rpartition(".")[0] == section):
+            key = key_for(name)
+            lines += [f"# {line}" for line in key.doc.splitlines()]
+            lines.append(tomli_w.dumps({key.short: values[name]}).strip())
     return "\n".join(lines) + "\n"
 
 
@@ -573,9 +625,7 @@ def set_value(path: Path, name: str, text: str) -> bool:
     The file is rewritten from ``render_template``, so abby's own comments stay;
     returns True if the old file had other comments, which are not kept.
     """
-    if name not in KEYS:
-        raise ConfigError(f"unknown key '{name}'{_suggest(name, list(KEYS))}")
-    key = KEYS[name]
+    key = key_for(name)
     try:
         value = key.parse_text(text)
     except ValueError as exc:
@@ -588,7 +638,7 @@ def set_value(path: Path, name: str, text: str) -> bool:
         small, large = conflict
         shown = {n: f"{values[n]}" if n in values else f"{KEYS[n].default}, the default" for n in conflict}
         raise ConfigError(f"{path}: {small} ({shown[small]}) would be above {large} ({shown[large]})")
-    new_text = render_template({k: values[k] for k in KEYS if k in values})
+    new_text = render_template(values)
     own = {line for line in new_text.splitlines() if line.lstrip().startswith("#")}
     lost = any(line.lstrip().startswith("#") and line not in own and not _is_commented_key(line)
                for line in old_text.splitlines())

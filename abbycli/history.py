@@ -52,7 +52,7 @@ def attempt(at: float, user_id: str, req, *, error: BaseException | None = None,
             provider: str | None = None) -> dict[str, Any]:
     return {
         "at": at, "user_id": user_id, "operation": req.operation,
-        "provider": provider or ("local" if image is not None and image.model == "local-lanczos" else "stability"),
+        "provider": provider or (image.provider if image is not None and image.provider else req.provider),
         "model": image.model if image is not None else req.model, "prompt": req.prompt,
         "seed": image.seed if image is not None else req.seed, "duration": round(time.time() - at, 3),
         "bytes": stored.size if stored is not None else None, "outcome": outcome_of(error),

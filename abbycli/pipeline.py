@@ -10,8 +10,8 @@
 6. Record every attempt in the history, including the images an interruption
    (Ctrl-C, a cancelled task) stopped before they were made ("interrupted").
 
-A local upscale costs no credits, so it takes no daily slot; it still obeys
-the storage caps.
+A free request (the local upscale) takes no daily slot; it still obeys the
+storage caps. The pipeline never knows which provider it talks to.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from . import history
 from .errors import AbbyError, ContentFiltered, QuotaExceeded
 from .generation.generator import ImageGenerator
 from .generation.imaging import embed_metadata
+from .generation.http import Progress
 from .generation.request import GeneratedImage, ImageRequest
-from .generation.stability import Progress
 from .storage.manager import StorageManager, StoredImage
 
 
@@ -58,6 +58,7 @@ class ImageOutcome:
 class GenerationResult:
     request: ImageRequest
     outcomes: list[ImageOutcome] = field(default_factory=list)
+    extra: int = 0  # images the provider made beyond those asked for (not stored)
 
     @property
     def stored(self) -> list[StoredImage]:
@@ -85,17 +86,19 @@ def _stem(req: ImageRequest, name: str | None) -> str:
 def metadata_for(req: ImageRequest, image: GeneratedImage) -> dict[str, Any]:
     meta = {
         "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": image.seed, "model": image.model,
-        "style_preset": req.style_preset, "provider": "local" if image.model == "local-lanczos" else "stability",
+        "style_preset": req.style_preset, "provider": image.provider or req.provider,
         "operation": req.operation, "finish_reason": image.finish_reason,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "aspect_ratio": req.aspect_ratio, "strength": req.strength, "upscale_mode": req.mode,
         "request_id": image.request_id, "notes": image.notes or None,
+        "options": dict(req.options) or None,
     }
+    meta |= image.metadata  # what the provider adds (OpenAI's revised_prompt, say)
     return {k: v for k, v in meta.items() if v is not None}
 
 
 def daily_slots(generator: ImageGenerator, req: ImageRequest) -> int:
-    """Daily generations a request takes: one per paid image, none for a local upscale."""
+    """Daily generations a request takes: one per image, none for a free request (a local upscale)."""
     if generator.is_free(req):
         return 0
     return req.count if req.operation != "upscale" else 1
@@ -126,6 +129,7 @@ async def generate(
     slots = daily_slots(generator, req)
     started = time.time()
     unsettled: list = []  # reservations not (yet) spent on a stored image
+    extra: list = []  # images beyond the reserved slots, not stored
     result = GenerationResult(req, outcomes if outcomes is not None else [])
 
     async def keep(images: list) -> None:
@@ -138,6 +142,11 @@ async def generate(
                 result.outcomes.append(ImageOutcome(image=image, error=ContentFiltered(
                     "the provider's content filter blocked this image; it was not stored and "
                     "does not count against the daily limit")))
+                continue
+            if paid and not unsettled:
+                # More images than were asked for (a ComfyUI graph may save extra ones): only
+                # the reserved ones are stored, never one the user did not pay a slot for.
+                extra.append(image)
                 continue
             reservation = unsettled.pop() if paid else None
 
@@ -174,6 +183,10 @@ async def generate(
             missing = max(0, expected_images(req) - len(result.outcomes))
             attempts += [history.attempt(started, user_id, req, error=stopped)] * missing
         await asyncio.to_thread(history.record, storage, attempts)
+        if extra:
+            log.warning("the provider made %d image(s) more than the %d asked for; they were not stored",
+                        len(extra), expected_images(req))
+            result.extra = len(extra)
         for o in result.outcomes:
             if o.error is not None:
                 log.warning("generation for %s failed (%s): %s", user_id, type(o.error).__name__, o.error)

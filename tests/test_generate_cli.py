@@ -203,7 +203,7 @@ def test_out_copies_every_image(cfg, fake, tmp_path):
 
 def test_balance_and_bad_input(cfg, fake, tmp_path):
     bal = abby(cfg, fake, "balance", "--json")
-    assert bal.returncode == 0 and json.loads(bal.stdout) == {"credits": 12.5}
+    assert bal.returncode == 0 and json.loads(bal.stdout) == {"provider": "stability", "credits": 12.5}
     bad = abby(cfg, fake, "generate", "x", "--style", "watercolour")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and fake.requests[-1]["path"] == "/v1/user/balance"
     notimage = tmp_path / "notes.png"

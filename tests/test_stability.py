@@ -171,11 +171,11 @@ def test_esrgan_upscale_uses_the_v1_engine_with_a_width():
 def test_local_upscale_needs_no_key_and_no_network():
     rec = Recorder(httpx.Response(500))
     g = gen(rec, key=None)
-    assert g.upscale_mode == "local"
     [image] = run(generate(g, ImageRequest("upscale", image=image_bytes(64, 48), width=2048)))
     with Image.open(io.BytesIO(image.data)) as out:
         assert out.size == (2048, 1536)
     assert rec.requests == []
+    assert (image.provider, image.model) == ("local", "local-lanczos")  # handed to the local provider
 
 
 def test_balance():
@@ -451,7 +451,7 @@ def test_each_retry_is_logged_with_its_wait_and_reason(sleeps, caplog):
     rec = Recorder(httpx.Response(429, headers={"Retry-After": "7"}, json={"errors": ["slow down"]}))
     [result] = run(generate(gen(rec, max_attempts=3), ImageRequest("text-to-image", prompt="x")))
     assert isinstance(result, RateLimited) and len(rec.requests) == 3
-    retries = [r for r in caplog.records if r.name == "abby.stability"]
+    retries = [r for r in caplog.records if r.name == "abby.providers.stability"]
     assert [r.getMessage() for r in retries] == [
         f"POST /v2beta/stable-image/generate/core failed: the API is rate-limiting requests (429): slow down; "
         f"retrying in 7.0 s (attempt {n} of 3)" for n in (2, 3)]  # none after the last attempt
@@ -464,7 +464,7 @@ def test_retries_stop_at_the_time_budget_without_a_false_promise(caplog):
     rec = Recorder(httpx.Response(503, headers={"Retry-After": "5"}, json={"errors": ["busy"]}))
     [result] = run(generate(gen(rec, retry_timeout=1.0), ImageRequest("text-to-image", prompt="x")))
     assert isinstance(result, ProviderUnavailable) and len(rec.requests) == 1
-    assert not [r for r in caplog.records if r.name == "abby.stability"]
+    assert not [r for r in caplog.records if r.name == "abby.providers.stability"]
 
 
 def test_the_generator_is_an_async_context_manager_that_closes_its_pool():

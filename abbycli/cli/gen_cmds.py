@@ -1,4 +1,4 @@
-"""Generation commands: generate, img2img, upscale, info, balance."""
+"""Generation commands: generate, img2img, upscale, info, balance, providers."""
 
 from __future__ import annotations
 
@@ -16,11 +16,15 @@ from .app import report_interrupt, state
 
 USER = typer.Option(None, "--user", "-u", help="User the image is generated for (default: cli.default_user).",
                     show_default=False)
-MODEL = typer.Option(None, "--model", "-m", help="core, ultra, sd3.5-large, sd3.5-large-turbo, sd3.5-medium, "
-                     "sd3.5-flash or a v1 engine id (default: generation.model).", show_default=False)
+MODEL = typer.Option(None, "--model", "-m", help="The provider's model (`abby providers` lists them; default: the "
+                     "provider's configured model).", show_default=False)
+PROVIDER = typer.Option(None, "--provider", help="stability, openai, automatic1111, comfyui, local or a plugin "
+                        "(default: generation.provider).", show_default=False)
+OPTION = typer.Option(None, "--option", "-O", help="A provider-specific extra, KEY=VALUE (repeatable), e.g. "
+                      "quality=high or sampler_name='Euler a'.", show_default=False)
 STYLE = typer.Option(None, "--style", help="Style preset, e.g. anime, photographic, pixel-art.", show_default=False)
 NEGATIVE = typer.Option(None, "--negative", help="What you do not want to see.", show_default=False)
-SEED = typer.Option(None, "--seed", min=0, help="Seed (0 asks the API for a random one).", show_default=False)
+SEED = typer.Option(None, "--seed", min=0, help="Seed (where the provider takes one).", show_default=False)
 FORMAT = typer.Option("png", "--format", "-f", help="png, jpeg or webp (where the model allows it).")
 COUNT = typer.Option(1, "--count", "-n", min=1, max=10, help="How many images (each one is a paid generation).")
 CONCURRENCY = typer.Option(4, "--concurrency", min=1, max=16, help="Requests in flight at once.")
@@ -29,9 +33,10 @@ OUT = typer.Option(None, "--out", "-o", help="Also copy the result here: a folde
                    show_default=False)
 JSON = typer.Option(False, "--json", help="Print JSON for scripts.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the request and its quota impact; send nothing.")
-CFG = typer.Option(None, "--cfg-scale", help="How strictly to follow the prompt: sd3 models 1-10, v1 engines 0-35.",
-                   show_default=False)
-STEPS = typer.Option(None, "--steps", help="Diffusion steps, v1 engines only (10-50).", show_default=False)
+CFG = typer.Option(None, "--cfg-scale", help="How strictly to follow the prompt (Stability sd3 1-10, v1 0-35; "
+                   "AUTOMATIC1111 and ComfyUI 1-30).", show_default=False)
+STEPS = typer.Option(None, "--steps", help="Diffusion steps (Stability v1 engines, AUTOMATIC1111, ComfyUI).",
+                     show_default=False)
 
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024  # far above what any endpoint accepts; the pixel limit is checked after
@@ -45,6 +50,19 @@ def _read_image(path: Path) -> bytes:
             f"it is {human_size(size)}, more than the {human_size(MAX_INPUT_BYTES)} abby reads as an input"))
     except InvalidInput as exc:
         raise InvalidInput(f"{path}: {exc}") from None
+
+
+def _options(pairs: Optional[list[str]]) -> dict[str, str]:
+    """--option KEY=VALUE pairs; the provider checks the keys and the values."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"--option {pair!r}: write it as KEY=VALUE")
+        if key.strip() in out:
+            raise InvalidInput(f"--option {key.strip()} is given twice")
+        out[key.strip()] = value
+    return out
 
 
 def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_json: bool, dry_run: bool,
@@ -146,8 +164,11 @@ class _retry_notes:
         self.handler.emit = lambda record: output.note(record.getMessage())
 
     def __enter__(self):
-        from ..generation.stability import log
+        import logging
 
+        from ..generation.http import LOG_PREFIX
+
+        log = logging.getLogger(LOG_PREFIX)
         if self.quiet_stamina:
             from stamina.instrumentation import set_on_retry_hooks
 
@@ -156,16 +177,18 @@ class _retry_notes:
         return self
 
     def __exit__(self, *exc):
-        from ..generation.stability import log
+        import logging
 
-        log.removeHandler(self.handler)
+        from ..generation.http import LOG_PREFIX
+
+        logging.getLogger(LOG_PREFIX).removeHandler(self.handler)
 
 
 def _verb(req) -> str:
     if req.operation == "upscale":
-        return f"upscaling ({req.mode})"
+        return f"upscaling with {req.provider}" + (f" ({req.mode})" if req.mode and req.mode != "local" else "")
     count = f"{req.count} images" if req.count > 1 else "an image"
-    return f"generating {count} with {req.model}"
+    return f"generating {count} with {req.provider} {req.model or ''}".rstrip()
 
 
 def _dry_run(generator, storage, req, owner: str, as_json: bool) -> bool:
@@ -183,15 +206,15 @@ def _dry_run(generator, storage, req, owner: str, as_json: bool) -> bool:
         kind = ("daily limit" if isinstance(refused, DailyLimitReached) else
                 "per-user storage cap" if isinstance(refused, UserQuotaExceeded) else "global storage cap")
         refusal = f"the {kind}: {refused}"
-    requests = [] if free else [c.describe(generator.client.host) for c in generator.client.plan(req)]
+    requests = generator.describe(req)
     impact = {"daily_slots": slots, "daily_remaining_before": status["daily"]["remaining"],
               "reserved_mb": mib(reserve), "would_be_refused_by": refusal}
     if as_json:
-        output.print_json({"dry_run": True, "user_id": owner, "requests": requests,
-                           "local": free, "quota": impact})
+        output.print_json({"dry_run": True, "user_id": owner, "provider": req.provider, "model": req.model,
+                           "requests": requests, "local": not requests, "quota": impact})
         return refusal is not None
-    if free:
-        output.info(f"local upscale (Pillow LANCZOS, offline, no credits) to "
+    if not requests:
+        output.info(f"{req.provider}: nothing is sent anywhere; upscale to "
                     f"{f'width {req.width}' if req.width else f'factor {req.factor or 2:g}'}")
     for r in requests:
         output.info(f"{r['method']} {r['url']}")
@@ -262,6 +285,7 @@ def generate_cmd(
     height: Optional[int] = typer.Option(None, "--height", help="Height for v1 engines.", show_default=False),
     seed: Optional[int] = SEED, fmt: str = FORMAT, count: int = COUNT, concurrency: int = CONCURRENCY,
     cfg_scale: Optional[float] = CFG, steps: Optional[int] = STEPS,
+    provider: Optional[str] = PROVIDER, option: Optional[list[str]] = OPTION,
     out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
 ) -> None:
     """Generate images from a text prompt and store them under the user's quota."""
@@ -269,7 +293,7 @@ def generate_cmd(
 
     req = ImageRequest("text-to-image", prompt=prompt, model=model, style_preset=style, negative_prompt=negative,
                        aspect_ratio=aspect, width=width, height=height, seed=seed, output_format=fmt, count=count,
-                       cfg_scale=cfg_scale, steps=steps)
+                       cfg_scale=cfg_scale, steps=steps, provider=provider, options=_options(option))
     _run(ctx, req, user, out, as_json, dry_run, concurrency)
 
 
@@ -278,14 +302,14 @@ def img2img_cmd(
     image: Path = typer.Argument(..., help="The starting image (PNG, JPEG or WebP).", show_default=False),
     prompt: str = typer.Argument(..., help="What the new image should show.", show_default=False),
     user: Optional[str] = USER,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="ultra, an sd3.5 model or a v1 engine id "
-                                        "(default: generation.img2img_model).", show_default=False),
+    model: Optional[str] = MODEL,
     strength: Optional[float] = typer.Option(None, "--strength", "-s", min=0.0, max=1.0,
                                              help="How far to move from the input: 0 keeps it, 1 ignores it "
                                              "(default 0.5; v1: image strength, default 0.35).", show_default=False),
     style: Optional[str] = STYLE, negative: Optional[str] = NEGATIVE, seed: Optional[int] = SEED,
     fmt: str = FORMAT, count: int = COUNT, concurrency: int = CONCURRENCY,
     cfg_scale: Optional[float] = CFG, steps: Optional[int] = STEPS,
+    provider: Optional[str] = PROVIDER, option: Optional[list[str]] = OPTION,
     out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
 ) -> None:
     """Generate images from an image and a prompt."""
@@ -293,7 +317,7 @@ def img2img_cmd(
 
     req = ImageRequest("image-to-image", prompt=prompt, image=_read_image(image), image_name=str(image), model=model,
                        strength=strength, style_preset=style, negative_prompt=negative, seed=seed, output_format=fmt,
-                       count=count, cfg_scale=cfg_scale, steps=steps)
+                       count=count, cfg_scale=cfg_scale, steps=steps, provider=provider, options=_options(option))
     _run(ctx, req, user, out, as_json, dry_run, concurrency)
 
 
@@ -301,8 +325,8 @@ def upscale_cmd(
     ctx: typer.Context,
     image: Path = typer.Argument(..., help="The image to upscale.", show_default=False),
     user: Optional[str] = USER,
-    mode: Optional[str] = typer.Option(None, "--mode", help="fast (4x), conservative, creative, esrgan (2x) or "
-                                       "local (offline, free). Default: generation.upscale_mode, else fast with an "
+    mode: Optional[str] = typer.Option(None, "--mode", help="Stability: fast (4x), conservative, creative, esrgan "
+                                       "(2x) or local (offline, free). Default: its upscale_mode, else fast with an "
                                        "API key and local without.", show_default=False),
     width: Optional[int] = typer.Option(None, "--width", "-w", min=1, help="Exact output width in pixels.",
                                         show_default=False),
@@ -313,17 +337,21 @@ def upscale_cmd(
     negative: Optional[str] = NEGATIVE, seed: Optional[int] = SEED, style: Optional[str] = STYLE,
     creativity: Optional[float] = typer.Option(None, "--creativity", help="conservative 0.2-0.5, creative 0.1-0.5.",
                                                show_default=False),
-    fmt: str = FORMAT, out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
+    fmt: str = FORMAT, provider: Optional[str] = PROVIDER, option: Optional[list[str]] = OPTION,
+    model: Optional[str] = MODEL,
+    out: Optional[Path] = OUT, as_json: bool = JSON, dry_run: bool = DRY_RUN,
 ) -> None:
     """Upscale an image to an exact width or factor, and store it under the user's quota.
 
-    The local mode needs no key, no network and no credits, and takes no daily generation.
+    The local provider (or Stability's --mode local) needs no key, no network and no
+    credits, and takes no daily generation.
     """
     from ..generation.request import ImageRequest
 
     req = ImageRequest("upscale", image=_read_image(image), image_name=str(image), mode=mode, width=width,
                        factor=factor, prompt=prompt, negative_prompt=negative, seed=seed, style_preset=style,
-                       creativity=creativity, output_format=fmt)
+                       creativity=creativity, output_format=fmt, provider=provider, options=_options(option),
+                       model=model)
     _run(ctx, req, user, out, as_json, dry_run, 1, name=f"{image.stem}-upscaled")
 
 
@@ -365,24 +393,60 @@ def info_cmd(
         output.info("no generation parameters are stored with this image")
 
 
-def balance_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
-    """Show the Stability account's credit balance."""
+def balance_cmd(ctx: typer.Context, provider: Optional[str] = PROVIDER, as_json: bool = JSON) -> None:
+    """Show the provider account's credit balance (where the provider has one)."""
     import asyncio
 
-    from ..generation.stability import StabilityClient
+    from ..generation.generator import ImageGenerator
 
-    g = state(ctx).settings().generation
+    generator = ImageGenerator.from_settings(state(ctx).settings(), provider=provider)
+    chosen = generator.provider()
 
     async def go():
-        async with StabilityClient(g.api_key, g.api_host) as client:
-            return await client.balance()
+        async with generator:
+            return await chosen.balance()
 
     with _retry_notes():
         credits = asyncio.run(go())
+    if credits is None:
+        raise InvalidInput(f"provider {chosen.name} has no credit balance to show")
     if as_json:
-        output.print_json({"credits": credits})
+        output.print_json({"provider": chosen.name, "credits": credits})
     else:
-        output.info(f"{credits:.2f} credits")
+        output.info(f"{credits:.2f} credits ({chosen.title})")
+
+
+def providers_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
+    """List the installed providers: operations, default models, whether configured."""
+    from ..errors import AbbyError
+    from ..generation import provider as registry
+    from ..generation.generator import ImageGenerator
+
+    settings = state(ctx).settings()
+    generator = ImageGenerator.from_settings(settings)
+    rows = []
+    for name, point in sorted(registry.installed().items()):
+        row: dict[str, Any] = {"name": name, "source": point.value, "default": name == generator.default}
+        try:
+            p = generator.provider(name)
+            ready, why = p.configured()
+            row |= {"title": p.title, "operations": list(p.operations), "configured": ready, "status": why,
+                    "default_models": {op: p.default_model(op) for op in p.operations},
+                    "models": {op: list(p.models(op)) for op in p.operations}}
+        except AbbyError as exc:  # a broken plugin or table: shown, not fatal
+            row |= {"title": None, "operations": [], "configured": False, "status": str(exc),
+                    "default_models": {}, "models": {}}
+        rows.append(row)
+    if as_json:
+        output.print_json({"providers": rows})
+        return
+    lines = []
+    for r in rows:
+        model = r["default_models"].get("text-to-image") or next(iter(r["default_models"].values()), None) or "-"
+        lines.append((r["name"] + (" *" if r["default"] else ""), ", ".join(r["operations"]) or "-", model,
+                      ("ready: " if r["configured"] else "not ready: ") + r["status"]))
+    output.table(("provider", "operations", "default model", "status"), lines)
+    output.info("* the default provider (generation.provider)")
 
 
 def register(app: typer.Typer) -> None:
@@ -391,3 +455,4 @@ def register(app: typer.Typer) -> None:
     app.command("upscale")(upscale_cmd)
     app.command("info")(info_cmd)
     app.command("balance")(balance_cmd)
+    app.command("providers")(providers_cmd)

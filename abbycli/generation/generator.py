@@ -1,56 +1,69 @@
-"""ImageGenerator: the seed's tuple-returning facade over a typed, raising API.
+"""ImageGenerator: one front for every provider, and the seed's tuple-returning API.
 
-``generate()`` is the typed API: it validates a request, sends it (or runs it
-locally) and returns one entry per image: a ``GeneratedImage`` or the
-``ProviderError`` that image failed with. The seed's methods
-(``text_to_image`` and friends) wrap it and never raise.
+``prepare()`` and ``run()`` are the typed API the pipeline and the CLI use: the
+generator picks the request's provider (``req.provider``, else the configured
+default), does the checks every provider shares (the input image, the pixel
+limit, an upscale's exact size) and leaves the rest to the provider. The seed's
+methods (``text_to_image`` and friends) wrap it and never raise.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
-from ..errors import AbbyError, ConfigError, ContentFiltered, InvalidInput, ProviderError
+from ..errors import AbbyError, ContentFiltered, InvalidInput, ProviderError
+from . import provider as registry
+from .http import Progress
 from .imaging import MAX_SIDE, check_size, inspect, over_limit, resize, size_of
-from .local import LOCAL_FACTOR, target_size, upscale_local
-from .request import GeneratedImage, ImageRequest, validate
-from .stability import DEFAULT_HOST, KEY_HELP, Progress, StabilityClient, gather_all
+from .provider import Provider
+from .providers.local import target_size
+from .request import GeneratedImage, ImageRequest
 
-# What each paid upscale returns, as a multiple of the input width.
-NATIVE_FACTOR = {"fast": 4.0, "esrgan": 2.0, "conservative": 4.0, "creative": 4.0}
+DEFAULT_MAX_MEGAPIXELS = 40
 
 
 class ImageGenerator:
     def __init__(
         self,
         api_key: str | None = None,
-        api_host: str = DEFAULT_HOST,
+        api_host: str | None = None,
         *,
         transport: Any = None,
-        model: str = "core",
-        img2img_model: str = "sd3.5-large",
+        model: str | None = None,
+        img2img_model: str | None = None,
         upscale_mode: str | None = None,
-        max_megapixels: float = 40,
+        max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+        provider: str = "stability",
+        configs: Mapping[str, Mapping[str, Any]] | None = None,
         **client_options: Any,
     ):
-        self.client = StabilityClient(api_key, api_host, transport=transport, **client_options)
-        self.model = model
-        self.img2img_model = img2img_model
-        # A fresh machine without a key can still upscale: locally.
-        self.upscale_mode = upscale_mode or ("fast" if self.client.has_key else "local")
+        """A bot may build it with Stability's settings as arguments (abby's first API);
+        ``configs`` gives other providers' settings ({name: {setting: value}}), and
+        ``provider`` picks the default one. ``from_settings`` reads them from abby's config."""
+        self.default = provider
+        self._configs = configs or {}
+        legacy = {"api_key": api_key, "api_host": api_host, "model": model, "img2img_model": img2img_model,
+                  "upscale_mode": upscale_mode}
+        self._arguments = {"stability": {k: v for k, v in legacy.items() if v is not None}}
+        self._transport = transport
+        self._client_options = client_options  # Stability's client tuning (retries, polling), for tests and bots
+        self._providers: dict[str, Provider] = {}
         # The largest image read as an input or made here (a local upscale, an exact-size resize).
         self.max_pixels = int(max_megapixels * 1_000_000)
+        if self._arguments["stability"]:
+            self.provider("stability")  # built now, as before providers: a bad key is refused here
 
     @classmethod
-    def from_settings(cls, settings, **options: Any) -> "ImageGenerator":
-        g = settings.generation
-        return cls(g.api_key, g.api_host, model=g.model, img2img_model=g.img2img_model,
-                   upscale_mode=g.upscale_mode, max_megapixels=g.max_megapixels, poll_timeout=g.upscale_timeout,
-                   **options)
+    def from_settings(cls, settings, *, provider: str | None = None, **options: Any) -> "ImageGenerator":
+        """Every provider configured from ``settings``; ``provider`` overrides the default one."""
+        names = set(registry.installed())
+        configs = _LazyConfigs(settings, names)
+        return cls(provider=provider or settings.generation.provider, configs=configs,
+                   max_megapixels=settings.generation.max_megapixels, **options)
 
     def __repr__(self) -> str:
-        return f"ImageGenerator(api_host={self.client.host!r}, model={self.model!r})"
+        return f"ImageGenerator(provider={self.default!r})"
 
     async def __aenter__(self) -> "ImageGenerator":
         return self
@@ -59,35 +72,56 @@ class ImageGenerator:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for p in self._providers.values():
+            await p.aclose()
+
+    # --- providers -----------------------------------------------------------------------
+    def provider(self, name: str | None = None) -> Provider:
+        """The provider called ``name`` (default: the configured one), built on first use."""
+        name = name or self.default
+        if name not in self._providers:
+            cls = registry.load(name)
+            config = ({k.short: k.default for k in cls.settings} | dict(self._configs.get(name) or {})
+                      | self._arguments.get(name, {}))
+            options = self._client_options if name == "stability" else {}
+            self._providers[name] = cls(config, transport=self._transport, **options)
+        return self._providers[name]
+
+    @property
+    def client(self):
+        """The Stability client (abby's first API exposed it; bots may still use it)."""
+        return self.provider("stability").client
 
     # --- the typed API ---------------------------------------------------------------
     def prepare(self, req: ImageRequest) -> ImageRequest:
-        """Fill in the defaults and validate; raises InvalidInput before anything is sent.
-        A request that already went through here is returned as it is (the CLI checks
-        before --dry-run, the pipeline checks again for callers who did not)."""
+        """Pick the provider, fill in the defaults and validate; raises InvalidInput or
+        ConfigError before anything is sent. A request that already went through here is
+        returned as it is (the CLI checks before --dry-run, the pipeline again for callers
+        who did not)."""
         if req.checked:
             return req
-        if req.operation == "upscale" and req.mode is None:
-            req = req.with_(mode=self.upscale_mode)
-        elif req.operation == "text-to-image" and req.model is None:
-            req = req.with_(model=self.model)
-        elif req.operation == "image-to-image" and req.model is None:
-            req = req.with_(model=self.img2img_model)
-        req = validate(req)
-        if not self.is_free(req) and not self.client.has_key:
-            raise ConfigError(f"no Stability API key: {KEY_HELP}")
+        provider = self.provider(req.provider)
+        if req.operation not in provider.operations:
+            able = [n for n in sorted(registry.installed()) if req.operation in _operations(n)]
+            raise InvalidInput(f"provider {provider.name} cannot do {req.operation}; "
+                               f"providers that can: {', '.join(able) or 'none installed'}")
+        req = req.with_(provider=provider.name)
+        if req.operation != "text-to-image" and req.image is None:
+            raise InvalidInput(f"{req.operation} needs an input image")
         if req.image is not None:
             # The size limit is applied from the header, before Pillow decodes a single pixel.
             width, height = check_size(req.image, self.max_pixels, req.image_name)
             inspect(req.image, name=req.image_name)  # a broken input image is refused before any credit is spent
-            if req.operation == "upscale":
-                self._check_output(req, width, height)
-        return req.with_(checked=True)
+        prepared = provider.prepare(req)
+        if prepared.provider != provider.name:  # handed over (Stability's --mode local)
+            return self.prepare(prepared)
+        if prepared.operation == "upscale":
+            self._check_output(prepared, width, height, provider.native_factor(prepared))
+        return prepared.with_(checked=True)
 
-    def _check_output(self, req: ImageRequest, width: int, height: int) -> None:
+    def _check_output(self, req: ImageRequest, width: int, height: int, native: float) -> None:
         """Refuse an upscale whose result abby would have to make above the pixel limit."""
-        tw, th = target_size(width, height, req, NATIVE_FACTOR.get(req.mode, LOCAL_FACTOR))
+        tw, th = target_size(width, height, req, native)
         if tw * th > self.max_pixels:
             raise InvalidInput(f"the upscaled image would be {tw}x{th} {over_limit(tw * th, self.max_pixels)}; "
                                "ask for a smaller --width or --factor")
@@ -97,10 +131,13 @@ class ImageGenerator:
                                f"can be at most {side} pixels on a side; ask for a smaller --width or --factor, "
                                "or another --format")
 
-    @staticmethod
-    def is_free(req: ImageRequest) -> bool:
-        """A local upscale costs no credits and takes no daily slot."""
-        return req.operation == "upscale" and req.mode == "local"
+    def is_free(self, req: ImageRequest) -> bool:
+        """True when the (prepared) request takes no daily slot."""
+        return self.provider(req.provider).is_free(req)
+
+    def describe(self, req: ImageRequest) -> list[dict[str, Any]]:
+        """The exact requests a prepared request would send (secrets masked), for --dry-run."""
+        return self.provider(req.provider).describe(req)
 
     async def generate(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
                        progress: Progress | None = None) -> list[GeneratedImage | ProviderError]:
@@ -115,42 +152,34 @@ class ImageGenerator:
                   ) -> list[GeneratedImage | ProviderError]:
         """Run a request that ``prepare()`` has already checked.
 
-        ``on_images`` receives each request's images as soon as they arrive, so a
-        caller can store the first ones while the others are still being made.
+        ``on_images`` receives each batch of images as soon as it arrives, so a caller can
+        store the first ones while the others are still being made.
         """
-        if self.is_free(req):
-            images: list[GeneratedImage | ProviderError] = [await asyncio.to_thread(upscale_local, req)]
-            if on_images:
+        provider = self.provider(req.provider)
+
+        async def arrived(images: list) -> None:
+            for image in images:
+                if isinstance(image, GeneratedImage):
+                    image.provider = image.provider or provider.name
+                    if req.operation == "upscale":
+                        await asyncio.to_thread(self._exact_size, req, image, provider.native_factor(req))
+            if on_images is not None:
                 await on_images(images)
-            return images
 
-        gate = asyncio.Semaphore(max(1, concurrency))  # requests on the network at once
-
-        async def one(call):
-            try:
-                result = await self.client.send(call, user_id, progress, gate)
-            except ProviderError as exc:
-                return [exc] * call.images
-            if req.operation == "upscale":
-                result = [await asyncio.to_thread(self._exact_size, req, i) for i in result]
-            return result
-
-        calls = await asyncio.to_thread(self.client.plan, req)  # may resize the input image
-        results = await gather_all([lambda c=c: one(c) for c in calls], on_images)
-        return [image for result in results for image in result]
+        return await provider.run(req, user_id=user_id, concurrency=concurrency, progress=progress,
+                                  on_images=arrived)
 
     @staticmethod
-    def _exact_size(req: ImageRequest, image: GeneratedImage) -> GeneratedImage:
+    def _exact_size(req: ImageRequest, image: GeneratedImage, native: float) -> None:
         """Honour --width/--factor exactly, whatever size the provider returned."""
         in_w, in_h = size_of(req.image)
-        tw, th = target_size(in_w, in_h, req, NATIVE_FACTOR[req.mode])
+        tw, th = target_size(in_w, in_h, req, native)
         w, h = size_of(image.data)  # decoded whole when it arrived
         if (w, h) == (tw, th):
-            return image
+            return
         how = "down" if w * h > tw * th else "up"
         image.data = resize(image.data, tw, th, image.format)
         image.notes.append(f"the provider returned {w}x{h}; scaled {how} to {tw}x{th} (LANCZOS) as asked")
-        return image
 
     # --- the seed's API: (success, image bytes, message), never raises ---------------
     async def text_to_image(self, prompt: str, style_preset: str | None = None, **options: Any):
@@ -175,3 +204,27 @@ class ImageGenerator:
             return False, None, f"image generation failed: {type(exc).__name__}: {exc}"
         seed = f", seed {result.seed}" if result.seed is not None else ""
         return True, result.data, f"generated with {result.model}{seed}"
+
+
+def _operations(name: str) -> tuple[str, ...]:
+    try:
+        return registry.load(name).operations
+    except AbbyError:
+        return ()  # a broken plugin cannot do anything
+
+
+class _LazyConfigs(Mapping):
+    """Provider settings read from ``Settings`` only for the providers actually used, so a
+    broken table of an unused plugin does not stop the others."""
+
+    def __init__(self, settings, names: set[str]):
+        self._settings, self._names = settings, names
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return self._settings.provider_config(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

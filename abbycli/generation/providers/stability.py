@@ -12,39 +12,39 @@ each retry is logged on the ``abby.stability`` logger with its wait and reason.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import hmac
-import json
-import logging
-import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from ..errors import (ApiRejected, AuthError, ConfigError, InsufficientCredits, InvalidRequest, MalformedResponse,
-                      ModelNotFound, ModerationRejected, PayloadTooLarge, ProviderError, ProviderUnavailable,
-                      RateLimited)
-from ..secrets import clean_api_key, redact
-from ..storage.formats import sniff_format
-from .imaging import inspect, resize, size_of
+from ... import __version__
+from ...config import Bounded, Key, api_key, http_url, non_empty, number_text
+from ...errors import (ApiRejected, AuthError, ConfigError, InsufficientCredits, InvalidInput, InvalidRequest, MalformedResponse,
+                       ModelNotFound, ModerationRejected, PayloadTooLarge, ProviderError, ProviderUnavailable,
+                       RateLimited)
+from ...secrets import MASK, redact
+from ...storage.formats import sniff_format
+from ..http import (Progress, b64_image, checked_key, gather_all, json_body, logger, request, retry_after, retrying,
+                    seed_or_none, short_text)
+from ..imaging import inspect, resize, size_of
+from ..provider import Provider
+from ..request import GeneratedImage, ImageRequest
+from .stability_rules import (ESRGAN_ENGINE, IMAGE_RULES, SDXL_SIZES, UPSCALE_MODES, family, fit_image_rules,
+                              nearest_sdxl_size, validate)
+
 if TYPE_CHECKING:
     import httpx
 
-from .request import (ESRGAN_ENGINE, IMAGE_RULES, SDXL_SIZES, GeneratedImage, ImageRequest, family, fit_image_rules,
-                      nearest_sdxl_size)
-
 DEFAULT_HOST = "https://api.stability.ai"
-KEY_HELP = "set one with the STABILITY_API_KEY environment variable or `abby config set generation.api_key KEY`"
+KEY_HELP = ("set one with the STABILITY_API_KEY environment variable or "
+            "`abby config set providers.stability.api_key KEY`")
 _MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# What each paid upscale returns, as a multiple of the input width.
+NATIVE_FACTOR = {"fast": 4.0, "esrgan": 2.0, "conservative": 4.0, "creative": 4.0}
 
-Progress = Callable[[str], None]
-
-# Retries are reported here; they propagate to the "abby" logger, whose handlers (the CLI's
-# log file, a bot's own) receive them, and whose NullHandler keeps them off a bare stderr.
-log = logging.getLogger("abby.stability")
+log = logger("stability")
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Call:
     def describe(self, host: str) -> dict[str, Any]:
         """What --dry-run prints: everything but the key and the image bytes."""
         out: dict[str, Any] = {"method": self.method, "url": host + self.path,
-                               "headers": {"Authorization": "Bearer ********", "Accept": self.accept}}
+                               "headers": {"Authorization": f"Bearer {MASK}", "Accept": self.accept}}
         if self.json is not None:
             out["json"] = self.json
         else:
@@ -93,7 +93,7 @@ class StabilityClient:
         poll_interval: float = 2.0,
         poll_timeout: float = 600.0,
     ):
-        self._key = _checked_key(api_key)
+        self._key = checked_key("Stability", api_key)
         self.host = api_host.rstrip("/")
         self._transport = transport
         self._timeout = timeout
@@ -250,12 +250,7 @@ class StabilityClient:
         return [await asyncio.to_thread(self._image_from, response, call)]
 
     def _retries(self, what: str):
-        """stamina's loop for one request, with abby's policy deciding each retry and its wait."""
-        import stamina
-
-        # attempts and timeout are the policy's to enforce: stamina stopping on its own would
-        # make a logged "retrying in 4 s" untrue.
-        return stamina.retry_context(on=_RetryPolicy(what, **self._retry), attempts=None, timeout=None)
+        return retrying(what, log, **self._retry)
 
     async def _request_with_retries(self, call: Call, user_id: str | None) -> httpx.Response:
         async for attempt in self._retries(f"{call.method} {call.path}"):
@@ -276,20 +271,8 @@ class StabilityClient:
                 # Every field goes in `files` so the body is multipart even without a file,
                 # as the v2beta endpoints require.
                 kwargs["files"] = {k: (None, v) for k, v in call.fields.items()} | call.files
-        import httpx
-
-        try:
-            response = await self._http().request(method or call.method, path or call.path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise ProviderUnavailable(f"the API at {self.host} did not answer in time ({type(exc).__name__})") from None
-        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol, UnicodeEncodeError) as exc:
-            # abby could not even build the request (h11's message quotes the offending
-            # header, which may be the key): not a network failure, so never retried.
-            raise ProviderError(f"abby could not send the request to {self.host} ({type(exc).__name__}: an HTTP "
-                                "header or the URL is not valid; check generation.api_host and the API key)") from None
-        except httpx.TransportError as exc:
-            reason = redact(str(exc) or type(exc).__name__, self._key)
-            raise ProviderUnavailable(f"cannot reach the API at {self.host}: {reason}") from None
+        response = await request(self._http(), method or call.method, path or call.path, host=self.host,
+                                  secrets=(self._key,), **kwargs)
         if response.status_code >= 400:
             raise _error_for(response, call.model, self._key)
         return response
@@ -322,10 +305,7 @@ class StabilityClient:
     # --- reading responses ------------------------------------------------------------------
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any]:
-        try:
-            data = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MalformedResponse(f"the API answered {response.status_code} with a body that is not JSON") from None
+        data = json_body(response)
         if not isinstance(data, (dict, list)):
             raise MalformedResponse("the API answered with unexpected JSON")
         return data  # type: ignore[return-value]
@@ -334,7 +314,7 @@ class StabilityClient:
         ctype = response.headers.get("content-type", "")
         if ctype.startswith("application/json"):
             body = self._json(response)
-            raw = _b64(body.get("image"))
+            raw = b64_image(body.get("image"))
             finish, seed = body.get("finish_reason"), body.get("seed")
         else:
             raw = response.content
@@ -342,7 +322,7 @@ class StabilityClient:
         if finish == "ERROR":  # documented for v2beta too: the image is not usable
             raise ProviderUnavailable("the API reported an error while generating the image")
         fmt = inspect(raw, from_provider=True)[0]
-        return GeneratedImage(raw, fmt, _seed(seed), _finish(finish), call.model,
+        return GeneratedImage(raw, fmt, seed_or_none(seed), _finish(finish), call.model,
                               response.headers.get("x-request-id"), list(call.notes))
 
     def _artifacts(self, response: httpx.Response, call: Call) -> list[GeneratedImage]:
@@ -357,90 +337,15 @@ class StabilityClient:
                 raise MalformedResponse("an artifact in the API's answer is not an object")
             if item.get("finishReason") == "ERROR":
                 raise ProviderUnavailable("the API reported an error while generating the image")
-            raw = _b64(item.get("base64"))
+            raw = b64_image(item.get("base64"))
             fmt = inspect(raw, from_provider=True)[0]
-            out.append(GeneratedImage(raw, fmt, _seed(item.get("seed")), _finish(item.get("finishReason")),
+            out.append(GeneratedImage(raw, fmt, seed_or_none(item.get("seed")), _finish(item.get("finishReason")),
                                       call.model, response.headers.get("x-request-id"), list(call.notes)))
         return out
 
 
-def _b64(value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise MalformedResponse("the API's answer has no base64 image")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        raise MalformedResponse("the API's image is not valid base64") from None
-
-
-MAX_SEED = 4_294_967_295  # the API's own range: 0 .. 2**32 - 1
-
-
-def _seed(value: Any) -> int | None:
-    """The seed the API reports, or None for anything outside its documented range
-    (a seed is only informative: a bad one must not fail a paid, stored image)."""
-    try:
-        seed = int(value) if isinstance(value, int) else int(str(value).strip())
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return seed if 0 <= seed <= MAX_SEED else None
-
-
 def _finish(value: Any) -> str:
     return value if value in ("SUCCESS", "CONTENT_FILTERED") else "SUCCESS"
-
-
-def _checked_key(api_key: str | None) -> str | None:
-    """The key as it will be sent, or None; ConfigError (never quoting it) if it cannot be sent.
-    Bots may pass a key straight from their own settings, so it is checked here too."""
-    if api_key is None or api_key == "":
-        return None
-    try:
-        return clean_api_key(api_key)
-    except ValueError as exc:
-        raise ConfigError(f"Stability: {exc}") from None
-
-
-class _RetryPolicy:
-    """stamina's ``on`` hook for one request: retry only what may succeed later, within
-    ``attempts`` and ``timeout``, after a capped exponential backoff with jitter or the
-    server's Retry-After. Because the wait is decided here, the log line tells the truth."""
-
-    def __init__(self, what: str, attempts: int, timeout: float, wait_initial: float, wait_max: float):
-        self.what, self.attempts, self.timeout = what, attempts, timeout
-        self.wait_initial, self.wait_max = wait_initial, wait_max
-        self.failures = 0
-        self.started = time.monotonic()
-
-    def __call__(self, exc: Exception) -> bool | float:
-        if not isinstance(exc, ProviderUnavailable):
-            return False
-        self.failures += 1
-        if exc.retry_after is not None:
-            wait = min(exc.retry_after, 60.0)
-        else:
-            wait = min(self.wait_max, self.wait_initial * 2 ** (self.failures - 1)
-                       + random.uniform(0, self.wait_initial))
-        if self.failures >= self.attempts or time.monotonic() - self.started + wait > self.timeout:
-            return False
-        log.warning("%s failed: %s; retrying in %.1f s (attempt %d of %d)", self.what, exc, wait,
-                    self.failures + 1, self.attempts)
-        return float(wait)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 def _error_for(response: httpx.Response, model: str, key: str | None) -> ProviderError:
@@ -460,9 +365,8 @@ def _error_for(response: httpx.Response, model: str, key: str | None) -> Provide
             detail = redact("; ".join(str(e) for e in errors), key)
         else:
             detail = redact(str(body.get("message") or name), key)
-    elif response.text.strip():
-        # Scrubbed before it is cut, so that no part of a key survives at the cut.
-        detail = redact(response.text.strip(), key).splitlines()[0][:200]
+    else:
+        detail = short_text(response, key)
     suffix = f": {detail}" if detail else ""
     credits_word = "credit" in detail.lower() or "balance" in name.lower() or name == "payment_required"
     if status == 401:
@@ -480,25 +384,115 @@ def _error_for(response: httpx.Response, model: str, key: str | None) -> Provide
         return InvalidRequest(f"the API rejected the request ({status}){suffix}", status=status)
     if status == 429:
         return RateLimited(f"the API is rate-limiting requests (429){suffix}", status=status,
-                           retry_after=_retry_after(response))
+                           retry_after=retry_after(response))
     if status >= 500:
         return ProviderUnavailable(f"the API had an internal error ({status}){suffix}", status=status,
-                                   retry_after=_retry_after(response))
+                                   retry_after=retry_after(response))
     return ApiRejected(f"the API refused the request ({status}){suffix}", status=status)
 
 
-async def gather_all(jobs: list[Callable[[], Awaitable[Any]]],
-                     on_done: Callable[[Any], Awaitable[None]] | None = None) -> list[Any]:
-    """Run ``jobs`` together; each result is a value or the ProviderError it raised.
-    ``on_done`` sees each result as soon as it is ready."""
+def _model(value: Any) -> str:
+    value = non_empty(value)
+    try:
+        family(value)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
-    async def run(job):
-        try:
-            result = await job()
-        except ProviderError as exc:
-            result = exc
-        if on_done is not None:
-            await on_done(result)
-        return result
 
-    return await asyncio.gather(*(run(job) for job in jobs))
+def _upscale_mode(value: Any) -> str:
+    value = non_empty(value)
+    if value not in UPSCALE_MODES:
+        raise ValueError(f"unknown upscale mode {value!r}; choose one of: {', '.join(UPSCALE_MODES)}")
+    return value
+
+
+class StabilityProvider(Provider):
+    """Stability AI's REST API: v2beta (core, ultra, sd3.5) and v1 engines; four upscales."""
+
+    name = "stability"
+    title = "Stability AI"
+    operations = ("text-to-image", "image-to-image", "upscale")
+    settings = (
+        Key("providers.stability.api_key", api_key, None,
+            "API key. Prefer the STABILITY_API_KEY environment variable.", env="STABILITY_API_KEY", secret=True),
+        Key("providers.stability.api_host", http_url, DEFAULT_HOST, "Base URL of the API.",
+            env="STABILITY_API_HOST"),
+        Key("providers.stability.model", _model, "core",
+            "Default text-to-image model: core, ultra, sd3.5-large, sd3.5-large-turbo, sd3.5-medium,\n"
+            "sd3.5-flash, or a v1 engine id such as stable-diffusion-xl-1024-v1-0."),
+        Key("providers.stability.img2img_model", _model, "sd3.5-large", "Default image-to-image model."),
+        Key("providers.stability.upscale_mode", _upscale_mode, None,
+            "Default upscale mode: fast, conservative, creative, esrgan or local.\n"
+            "Default: fast when an API key is set, local (offline, free) when not."),
+        Key("providers.stability.upscale_timeout", Bounded(1, 1800, "seconds"), 600,
+            "Seconds to wait for a creative upscale to finish (at most 30 minutes).", from_text=number_text),
+    )
+    legacy = {k: f"generation.{k}" for k in ("api_key", "api_host", "model", "img2img_model", "upscale_mode",
+                                              "upscale_timeout")}
+
+    def __init__(self, config, *, transport=None, **client_options: Any):
+        super().__init__(config, transport=transport)
+        c = self.config
+        client_options.setdefault("poll_timeout", c.get("upscale_timeout", 600))
+        self.client = StabilityClient(c.get("api_key"), c.get("api_host") or DEFAULT_HOST, transport=transport,
+                                      **client_options)
+
+    def default_model(self, operation: str) -> str | None:
+        if operation == "upscale":
+            return None
+        return self.config.get("model" if operation == "text-to-image" else "img2img_model") or (
+            "core" if operation == "text-to-image" else "sd3.5-large")
+
+    def models(self, operation: str) -> tuple[str, ...]:
+        from .stability_rules import SD3_MODELS
+
+        if operation == "upscale":
+            return tuple(m for m in UPSCALE_MODES if m != "local")
+        return ("core", "ultra", *SD3_MODELS) if operation == "text-to-image" else ("ultra", *SD3_MODELS)
+
+    def configured(self) -> tuple[bool, str]:
+        return (True, "API key set") if self.client.has_key else (False, f"no API key: {KEY_HELP}")
+
+    def prepare(self, req: ImageRequest) -> ImageRequest:
+        self.parse_options(req)  # Stability's extras all have their own flags: no --option
+        if req.operation == "upscale":
+            mode = req.mode or self.config.get("upscale_mode") or ("fast" if self.client.has_key else "local")
+            if mode == "local":  # offline and free: the local provider's job
+                return req.with_(provider="local", mode=None)
+            req = req.with_(mode=mode)
+        elif req.model is None:
+            req = req.with_(model=self.default_model(req.operation))
+        req = validate(req)
+        if not self.client.has_key:
+            raise ConfigError(f"no Stability API key: {KEY_HELP}")
+        return req
+
+    def native_factor(self, req: ImageRequest) -> float:
+        return NATIVE_FACTOR[req.mode]
+
+    def describe(self, req: ImageRequest) -> list[dict[str, Any]]:
+        return [call.describe(self.client.host) for call in self.client.plan(req)]
+
+    async def run(self, req, *, user_id, concurrency, progress, on_images):
+        gate = asyncio.Semaphore(max(1, concurrency))  # requests on the network at once
+
+        async def one(call):
+            try:
+                return await self.client.send(call, user_id, progress, gate)
+            except ProviderError as exc:
+                return [exc] * call.images
+
+        async def arrived(images):
+            if on_images is not None:
+                await on_images(images)
+
+        calls = await asyncio.to_thread(self.client.plan, req)  # may resize the input image
+        results = await gather_all([lambda c=c: one(c) for c in calls], arrived)
+        return [image for result in results for image in result]
+
+    async def balance(self) -> float | None:
+        return await self.client.balance()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,1 @@
+"""abby's own image providers, one module each; registered as entry points like any plugin."""
