@@ -294,24 +294,28 @@ class Settings:
     def provider_config(self, name: str) -> dict[str, Any]:
         """Every setting of provider ``name``, each from (highest first) its environment
         variable, its [providers.<name>] table, a legacy [generation] key, or its default."""
+        return {short: value for short, (value, _) in self.provider_values(name).items()}
+
+    def provider_values(self, name: str) -> dict[str, tuple[Any, str]]:
+        """``provider_config`` with where each value came from: env, file, legacy or default."""
         from .generation.provider import load
 
         cls = load(name)
         table = self.provider_tables.get(name, {})
-        out: dict[str, Any] = {}
+        out: dict[str, tuple[Any, str]] = {}
         for key in cls.settings:
             legacy = cls.legacy.get(key.short)
             try:
                 if key.env and self.env.get(key.env, "") != "":
                     where = f"environment variable {key.env}"
-                    out[key.short] = key.parse_text(self.env[key.env])
+                    out[key.short] = key.parse_text(self.env[key.env]), "env"
                 elif key.short in table:
-                    out[key.short] = table[key.short]
+                    out[key.short] = table[key.short], "file"
                 elif legacy and self.sources.get(legacy, "default") != "default":
                     where = _origin(legacy, self.sources, self.config_path) + f" ({legacy})"
-                    out[key.short] = key.check(self.value(legacy))
+                    out[key.short] = key.check(self.value(legacy)), f"{self.sources[legacy]} ({legacy})"
                 else:
-                    out[key.short] = key.default
+                    out[key.short] = key.default, "default"
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         return out

@@ -7,7 +7,7 @@ import shutil
 
 import typer
 
-from ..config import (KEYS, display_value, find_config, render_template, search_list,
+from ..config import (KEYS, display_value, find_config, key_for, render_template, search_list,
                       set_value, user_config_path, write_private)
 from ..errors import AbbyError
 from . import output
@@ -38,6 +38,7 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=
     settings = state(ctx).settings()
     rows = [{"key": name, "value": display_value(settings, name), "source": settings.sources[name]}
             for name in KEYS]
+    rows += _provider_rows(settings)
     if as_json:
         output.print_json({"config_file": str(settings.config_path) if settings.config_path else None,
                            "settings": rows})
@@ -45,6 +46,24 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=
     output.info(f"Config file: {settings.config_path or '(none: built-in defaults)'}")
     output.table(["Key", "Value", "Source"],
                  [[r["key"], "(not set)" if r["value"] is None else r["value"], r["source"]] for r in rows])
+
+
+def _provider_rows(settings) -> list[dict]:
+    """Each installed provider's settings; a provider that cannot be loaded gets one row saying why."""
+    from ..generation.provider import installed, load
+
+    rows = []
+    for name in sorted(installed()):
+        try:
+            keys = {k.short: k for k in load(name).settings}
+            values = settings.provider_values(name)
+        except AbbyError as exc:
+            rows.append({"key": f"providers.{name}", "value": None, "source": f"error: {exc}"})
+            continue
+        for short, (value, source) in values.items():
+            shown = "********" if keys[short].secret and value is not None else value
+            rows.append({"key": f"providers.{name}.{short}", "value": shown, "source": source})
+    return rows
 
 
 @app.command("init")
@@ -67,7 +86,8 @@ def init(
 @app.command("set")
 def set_cmd(
     ctx: typer.Context,
-    key: str = typer.Argument(..., help=f"Dotted key, one of: {', '.join(KEYS)}.", show_default=False),
+    key: str = typer.Argument(..., help=f"Dotted key: {', '.join(KEYS)}, or providers.<name>.<key> "
+                              "(`abby config show` lists them).", show_default=False),
     value: str = typer.Argument(..., help="New value.", show_default=False),
 ) -> None:
     """Set one key in the config file in use (or create the user config file), keeping the other values.
@@ -78,10 +98,11 @@ def set_cmd(
     st = state(ctx)
     target = find_config(st.config, os.environ) or user_config_path()
     lost_comments = set_value(target, key, value)
-    shown = "********" if KEYS[key].secret else value
+    found = key_for(key)
+    shown = "********" if found.secret else value
     output.info(f"set {key} = {shown} in {target}")
     if lost_comments:
         output.warn("your own comments in that file were not kept (abby's key documentation was)")
-    if KEYS[key].env and os.environ.get(KEYS[key].env):
-        output.warn(f"${KEYS[key].env} is set and overrides this value")
+    if found.env and os.environ.get(found.env):
+        output.warn(f"${found.env} is set and overrides this value")
 
