@@ -416,7 +416,13 @@ def balance_cmd(ctx: typer.Context, provider: Optional[str] = PROVIDER, as_json:
         output.info(f"{credits:.2f} credits ({chosen.title})")
 
 
-def providers_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
+def providers_cmd(
+    ctx: typer.Context,
+    models: Optional[str] = typer.Option(None, "--models", help="List the models provider NAME offers now "
+                                         "(asks the server where it has a list, e.g. AUTOMATIC1111's checkpoints).",
+                                         metavar="NAME", show_default=False),
+    as_json: bool = JSON,
+) -> None:
     """List the installed providers: operations, default models, whether configured."""
     from ..errors import AbbyError
     from ..generation import provider as registry
@@ -424,6 +430,23 @@ def providers_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
 
     settings = state(ctx).settings()
     generator = ImageGenerator.from_settings(settings)
+    if models is not None:
+        import asyncio
+
+        chosen = generator.provider(models)
+
+        async def go():
+            async with generator:
+                return await chosen.list_models()
+
+        with _retry_notes():
+            names = asyncio.run(go())
+        if as_json:
+            output.print_json({"provider": chosen.name, "models": names})
+        else:
+            for name in names:
+                output.info(output.printable(name))
+        return
     rows = []
     for name, point in sorted(registry.installed().items()):
         row: dict[str, Any] = {"name": name, "source": point.value, "default": name == generator.default}
@@ -444,7 +467,7 @@ def providers_cmd(ctx: typer.Context, as_json: bool = JSON) -> None:
     for r in rows:
         model = r["default_models"].get("text-to-image") or next(iter(r["default_models"].values()), None) or "-"
         lines.append((r["name"] + (" *" if r["default"] else ""), ", ".join(r["operations"]) or "-", model,
-                      ("ready: " if r["configured"] else "not ready: ") + r["status"]))
+                      ("ready" if r["configured"] else "not ready") + (f": {r['status']}" if r["status"] else "")))
     output.table(("provider", "operations", "default model", "status"), lines)
     output.info("* the default provider (generation.provider)")
 

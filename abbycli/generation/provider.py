@@ -84,7 +84,7 @@ class Provider(ABC):
 
     def configured(self) -> tuple[bool, str]:
         """Whether it can run as configured, and a few words why or why not (no network)."""
-        return True, "ready"
+        return True, ""
 
     # --- a request's life ----------------------------------------------------------------
     @abstractmethod
@@ -113,6 +113,11 @@ class Provider(ABC):
     def native_factor(self, req: ImageRequest) -> float:
         """For an upscale: the scale the backend applies when neither --width nor --factor is given."""
         return 2.0
+
+    async def list_models(self) -> list[str]:
+        """The models the backend offers now (may ask the server: AUTOMATIC1111's checkpoints);
+        by default the names abby knows."""
+        return sorted({m for op in self.operations for m in self.models(op)})
 
     async def balance(self) -> float | None:
         """The account's remaining credits, or None when the backend has no such thing."""
