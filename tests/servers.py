@@ -31,8 +31,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "servers"
 VARS = ("ABBY_TEST_POSTGRES_URL", "ABBY_TEST_S3_ENDPOINT", "ABBY_TEST_S3_BUCKET", "ABBY_TEST_S3_REGION",
         "ABBY_TEST_S3_ACCESS_KEY_ID", "ABBY_TEST_S3_SECRET_ACCESS_KEY")
-HOW = ("start them with `bash .ci/servers start` (Linux; installs PostgreSQL and SeaweedFS if missing) and "
-       "export what it prints: set -a; . /tmp/abby-test-servers/env; set +a  (" + ", ".join(VARS) + ")")
+HOW = ("start them with `bash .ci/servers start` (Linux; installs what is missing) and export the "
+       "ABBY_TEST_POSTGRES_URL and ABBY_TEST_S3_* variables it prints: set -a; . /tmp/abby-test-servers/env; set +a")
 
 # Taken when pytest imports this module, before any test's fixtures point HOME and the
 # XDG folders at temp dirs: the servers' binaries are cached under the real ones.
@@ -79,7 +79,7 @@ def _start_for_session() -> dict[str, str] | str:
     if sys.platform != "linux":
         return "the PostgreSQL and S3 test servers run on Linux only"
     if os.geteuid() != 0:
-        return f"not root, so the test servers were not started for this run; {HOW}"
+        return f"no test servers (only root starts them for a test run); {HOW}"
     folder = tempfile.mkdtemp(prefix="abby-test-servers-")
     env = dict(_ENV_AT_START, ABBY_SERVERS_NO_INSTALL="1")  # never a download in the middle of a test run
     done = subprocess.run(["bash", str(SCRIPT), "start", folder], capture_output=True, text=True, env=env,
@@ -87,7 +87,7 @@ def _start_for_session() -> dict[str, str] | str:
     if done.returncode != 0:
         shutil.rmtree(folder, ignore_errors=True)
         why = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"the test servers could not be started ({why}); {HOW}"
+        return f"no test servers ({why.removeprefix('servers: ')}); {HOW}"
     atexit.register(subprocess.run, ["bash", str(SCRIPT), "stop", folder], env=env, capture_output=True,
                     timeout=120)
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if line.startswith("ABBY_TEST_"))
