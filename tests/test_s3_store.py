@@ -295,3 +295,13 @@ def test_without_obstore_a_config_error_says_what_to_install():
             "    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "the S3 image store needs the obstore package: pip install 'abbycli[s3]'"
+
+
+def test_a_session_token_is_used():
+    """Temporary credentials sign with their token (a presigned URL must carry it: AWS checks it)."""
+    pytest.importorskip("obstore", reason="the S3 image store needs obstore: pip install '.[test]'")
+    options = S3Options(endpoint="http://127.0.0.1:1", access_key_id="id", secret_access_key=SECRET)
+    plain = S3BlobStore.from_url("s3://abby-images", options).url("users/a/1.png", 60)
+    temporary = S3BlobStore.from_url("s3://abby-images", S3Options(**{**vars(options), "session_token": TOKEN}))
+    assert "X-Amz-Security-Token" not in plain
+    assert f"X-Amz-Security-Token={TOKEN}" in temporary.url("users/a/1.png", 60)

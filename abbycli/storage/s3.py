@@ -196,7 +196,7 @@ class S3BlobStore(BlobStore):
         if options.endpoint:
             config["endpoint"] = options.endpoint
         if options.session_token:
-            config["token"] = options.session_token
+            config["session_token"] = options.session_token
         client = dict(_CLIENT_OPTIONS, allow_http=self.endpoint.startswith("http://"))
         try:
             self._store = self._ob.store.S3Store(bucket, prefix=prefix or None, config=config,
