@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from servers import postgres_url, s3_store_env, test_servers  # noqa: F401  (the PostgreSQL/S3 test servers)
+
 ABBY_ENV = [
     "ABBY_CONFIG", "ABBY_DEBUG", "STORAGE_ROOT", "MAX_GLOBAL_STORAGE_MB", "MAX_USER_STORAGE_MB",
     "MAX_USER_DAILY_GENS", "STORAGE_CLEANUP_DAYS", "IMAGE_GEN_SIZE_MB", "STABILITY_API_KEY", "STABILITY_API_HOST",
+    "ABBY_PROVIDER", "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID",
+    "ABBY_LEDGER_URL", "ABBY_BLOBS_URL",
 ]
 
 
