@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -116,9 +117,9 @@ def test_gpt_image_generation_is_one_json_request_with_n():
     assert body == {"model": "gpt-image-1", "prompt": "a lighthouse", "n": 3, "size": "1536x1024",
                     "output_format": "webp", "quality": "high", "background": "opaque", "output_compression": 80,
                     "moderation": "low"}
-    check_body(DOC, "/images/generations", "POST", "application/json", body)
     assert [i.model for i in images] == ["gpt-image-1"] * 3
     assert all(i.request_id == "req_abc" and i.seed is None and i.notes == [] for i in images)
+    check_body(DOC, "/images/generations", "POST", "application/json", body)  # last: it skips without the document
 
 
 def test_nothing_asked_leaves_size_and_options_to_the_api():
@@ -139,10 +140,10 @@ def test_dall_e_3_count_3_is_three_requests_for_base64_and_keeps_revised_prompts
         body = json.loads(req.content)
         assert body == {"model": "dall-e-3", "prompt": "a lighthouse", "n": 1, "size": "1024x1792",
                         "response_format": "b64_json", "style": "natural", "quality": "hd"}
-        check_body(DOC, "/images/generations", "POST", "application/json", body)
     assert len(images) == 3
     assert all(i.metadata == {"revised_prompt": "a lighthouse at dusk, oil painting"} for i in images)
     assert images[0].notes == ["--aspect 9:16 was sent as size 1024x1792, the nearest dall-e-3 makes"]
+    check_body(DOC, "/images/generations", "POST", "application/json", body)
 
 
 def test_the_response_quality_and_background_are_kept_with_each_image():
@@ -193,8 +194,8 @@ def test_an_edit_is_multipart_with_the_image_and_input_fidelity():
                       "input_fidelity": "high"}
     assert files == {"image": src}
     assert b'filename="image.jpg"' in req.content and b"Content-Type: image/jpeg" in req.content
-    check_body(DOC, "/images/edits", "POST", "multipart/form-data", fields | {"image": "<file>"})
     assert len(images) == 2
+    check_body(DOC, "/images/edits", "POST", "multipart/form-data", fields | {"image": "<file>"})
 
 
 def test_dall_e_2_edit_gets_a_png_and_base64():
@@ -348,10 +349,6 @@ def test_error_answers_are_mapped_and_never_retried(response, exc, text):
     assert KEY[:8] not in str(result) and "\n" not in str(result)
 
 
-def test_content_filter_and_no_credit_have_their_exit_codes():
-    assert ContentFiltered("x").exit_code == 5 and InsufficientCredits("x").exit_code == 4
-
-
 def test_429_is_retried_honouring_retry_after_ms(sleeps):
     rec = Recorder(oai_error(429, "Rate limit reached", "rate_limit_exceeded",
                              headers={"retry-after-ms": "1500", "retry-after": "2"}), as_asked)
@@ -430,7 +427,7 @@ def test_cli_generates_stores_and_records_with_openai(cfg, fake, tmp_path):
     assert [h["provider"] for h in history] == ["openai", "openai"]
     assert {h["outcome"] for h in history} == {"success"}
     ledger = b"".join(p.read_bytes() for p in (tmp_path / "store" / ".abby").glob("ledger.sqlite3*"))
-    stored = b"".join(open(i["path"], "rb").read() for i in images)
+    stored = b"".join(Path(i["path"]).read_bytes() for i in images)
     assert CLI_KEY.encode() not in ledger + stored + log.read_bytes()
 
 
