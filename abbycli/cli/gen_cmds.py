@@ -22,7 +22,8 @@ PROVIDER = typer.Option(None, "--provider", help="stability, openai, automatic11
                         "(default: generation.provider).", show_default=False)
 OPTION = typer.Option(None, "--option", "-O", help="A provider-specific extra, KEY=VALUE (repeatable), e.g. "
                       "quality=high or sampler_name='Euler a'.", show_default=False)
-STYLE = typer.Option(None, "--style", help="Style preset, e.g. anime, photographic, pixel-art.", show_default=False)
+STYLE = typer.Option(None, "--style", help="Stability style preset, e.g. anime, photographic, pixel-art.",
+                     show_default=False)
 NEGATIVE = typer.Option(None, "--negative", help="What you do not want to see.", show_default=False)
 SEED = typer.Option(None, "--seed", min=0, help="Seed (where the provider takes one).", show_default=False)
 FORMAT = typer.Option("png", "--format", "-f", help="png, jpeg or webp (where the model allows it).")
@@ -278,11 +279,12 @@ def generate_cmd(
     prompt: str = typer.Argument(..., help="What the image should show.", show_default=False),
     user: Optional[str] = USER, model: Optional[str] = MODEL, style: Optional[str] = STYLE,
     negative: Optional[str] = NEGATIVE,
-    aspect: Optional[str] = typer.Option(None, "--aspect", "-a", help="Aspect ratio for v2beta models: 21:9, 16:9, "
-                                         "3:2, 5:4, 1:1, 4:5, 2:3, 9:16, 9:21.", show_default=False),
-    width: Optional[int] = typer.Option(None, "--width", help="Width for v1 engines (SDXL sizes only).",
-                                        show_default=False),
-    height: Optional[int] = typer.Option(None, "--height", help="Height for v1 engines.", show_default=False),
+    aspect: Optional[str] = typer.Option(None, "--aspect", "-a", help="Aspect ratio W:H: 21:9, 16:9, 3:2, 5:4, 1:1, "
+                                         "4:5, 2:3, 9:16, 9:21 (mapped to the model's nearest size where it has "
+                                         "fixed sizes).", show_default=False),
+    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels, where the provider takes one (Stability "
+                                        "v1: SDXL sizes; OpenAI: an exact model size).", show_default=False),
+    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels.", show_default=False),
     seed: Optional[int] = SEED, fmt: str = FORMAT, count: int = COUNT, concurrency: int = CONCURRENCY,
     cfg_scale: Optional[float] = CFG, steps: Optional[int] = STEPS,
     provider: Optional[str] = PROVIDER, option: Optional[list[str]] = OPTION,
