@@ -254,11 +254,13 @@ class LocalBlobStore(BlobStore):
         out: dict[str, str] = {}
         groups: dict[str, list[str]] = {}
         for key in keys:
-            folder, _, name = key.rpartition("/")
-            if not isinstance(key, str) or key.startswith("/") or "\\" in key or ".." in folder.split("/"):
+            try:
+                check_key(key)
+            except StorageError:
                 out[key] = UNSAFE  # only a tampered ledger names such a key: never acted on
-            else:
-                groups.setdefault(folder, []).append(name)
+                continue
+            folder, _, name = key.rpartition("/")
+            groups.setdefault(folder, []).append(name)
         with SafeRemover(self.root) as remover:
             for folder, names in groups.items():
                 rel_dir = f"images/{folder}" if folder else "images"
@@ -268,20 +270,19 @@ class LocalBlobStore(BlobStore):
 
     # --- reading --------------------------------------------------------------------
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
-        folder, _, _start = prefix.rpartition("/")
-        stack = [folder]
+        # Folder by folder, depth first, into the folders that can hold keys with this prefix.
+        stack = [prefix.rpartition("/")[0]]
         while stack:
             current = stack.pop()
             scanned = self.scan_folder(current)
             if scanned is None:
                 continue
             infos, _odd, subfolders = scanned
-            for info in infos:
-                if info.key.startswith(prefix):
-                    yield info
-            stack += [f"{current}/{s}" if current else s for s in sorted(subfolders, reverse=True)
-                      if (f"{current}/{s}/" if current else f"{s}/").startswith(prefix[:len(current) + len(s) + 2])
-                      or prefix.startswith(f"{current}/{s}/" if current else f"{s}/")]
+            yield from (info for info in infos if info.key.startswith(prefix))
+            for sub in sorted(subfolders, reverse=True):
+                child = f"{current}/{sub}/" if current else f"{sub}/"
+                if child.startswith(prefix) or prefix.startswith(child):
+                    stack.append(child[:-1])
 
     def scan_folder(self, folder: str) -> tuple[list[BlobInfo], list[tuple[str, str]], list[str]] | None:
         """(files, entries that are neither files nor folders, subfolder names) of one folder
