@@ -313,8 +313,8 @@ class StorageManager:
         return self._image(row)
 
     def _keys(self, ref: Any) -> list[str]:
-        """The keys a path or key may name: a file under the images folder (local store),
-        or the key itself."""
+        """The keys a reference may name: a file under the images folder (local store),
+        and the reference itself as a key (any store)."""
         keys = []
         if isinstance(self.blobs, LocalBlobStore):
             path = Path(ref)
@@ -324,7 +324,7 @@ class StorageManager:
                     keys.append(Path(os.path.abspath(candidate)).relative_to(self.blobs.images).as_posix())
                 except ValueError:
                     continue
-        elif isinstance(ref, str):
+        if isinstance(ref, str) and ref not in keys:
             keys.append(ref)
         return keys
 
