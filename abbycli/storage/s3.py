@@ -33,25 +33,7 @@ from ..secrets import redact
 from .formats import sniff_format
 from .safefs import DELETED, FAILED, MISSING, UNSAFE
 
-# --- Until abbycli/storage/blobs.py (seams branch) is merged: the interface's names.
-# After the merge, this block becomes:
-#   from .blobs import BlobExists, BlobInfo, BlobStore
-
-
-class BlobExists(StorageError):
-    """commit() found the key already taken (create-only)."""
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    key: str
-    size: int
-    modified: float
-
-
-class BlobStore:
-    pass
-# --- end of the placeholder block
+from .blobs import BlobExists, BlobInfo, BlobStore, Staged
 
 log = logging.getLogger("abby")
 
@@ -174,13 +156,6 @@ def _import_obstore():
     return obstore
 
 
-@dataclass(eq=False)
-class S3Staged:
-    """Bytes waiting for their commit. Nothing has been sent yet."""
-
-    data: bytes | None
-
-
 class S3BlobStore(BlobStore):
     """Images as objects under ``s3://bucket/prefix/<key>``."""
 
@@ -259,11 +234,11 @@ class S3BlobStore(BlobStore):
 
     # --- writing
 
-    def stage(self, data: bytes) -> S3Staged:
+    def stage(self, data: bytes) -> Staged:
         """Nothing to send before the transaction: the PUT in commit() is atomic by itself."""
-        return S3Staged(bytes(data))
+        return Staged(len(data), data=bytes(data))
 
-    def commit(self, staged: S3Staged, key: str) -> None:
+    def commit(self, staged: Staged, key: str) -> None:
         self._check_key(key)
         if staged.data is None:
             raise StorageError(f"{self.describe()}: {key}: the staged image was already discarded")
@@ -272,7 +247,7 @@ class S3BlobStore(BlobStore):
         with self._errors("write", key):
             self._ob.put(self._store, key, staged.data, mode="create", attributes=attributes)
 
-    def discard(self, staged: S3Staged) -> None:
+    def discard(self, staged: Staged) -> None:
         staged.data = None
 
     def delete(self, keys: Sequence[str]) -> dict[str, str]:
