@@ -244,6 +244,22 @@ def test_a_time_out_takes_the_prompt_off_the_queue():
     assert json.loads(server.requests[-1].content) == {"delete": ["p-1"]}
 
 
+def test_a_cancelled_run_takes_the_prompt_off_the_queue():
+    server = Server(pending=10_000)
+
+    async def go():
+        async with gen(server) as g:
+            task = asyncio.ensure_future(g.generate(t2i()))
+            while "GET /history/p-1" not in server.paths():
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+    assert server.paths()[-1] == "POST /queue" and json.loads(server.requests[-1].content) == {"delete": ["p-1"]}
+
+
 def test_a_deleted_cached_file_and_a_wrong_host_read_clearly():
     class Gone(Server):
         def __call__(self, request):

@@ -17,6 +17,7 @@ neither a daily slot nor a GPU second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import hashlib
 import json
@@ -366,7 +367,7 @@ class ComfyUIProvider(Provider):
             name = self._upload_name(req.image)
             fmt = sniff_format(req.image)
             out.append({"method": "POST", "url": base + "/upload/image", "headers": self._shown_headers(),
-                        "multipart": {"image": f"<{len(req.image)} bytes {_MIME[fmt]}> as {name}", "type": "input"}})
+                        "multipart": {"image": f"<{len(req.image)} bytes {_MIME[fmt]}>", "type": "input"}})
         _flow, graph = self.graph(req, name)
         out.append({"method": "POST", "url": base + "/prompt", "headers": self._shown_headers(),
                     "json": {"prompt": graph, "client_id": "<a fresh id for each run>"}})
@@ -411,6 +412,10 @@ class ComfyUIProvider(Provider):
 
     # --- running --------------------------------------------------------------------------------
     async def run(self, req, *, user_id, concurrency, progress, on_images):
+        async def arrived(images):
+            if on_images is not None:
+                await on_images(images)
+
         try:
             image_name = await self._upload(req.image) if req.image is not None else None
             flow, graph = await asyncio.to_thread(self.graph, req, image_name)
@@ -418,7 +423,7 @@ class ComfyUIProvider(Provider):
             saved = await self._wait(prompt_id, progress)
         except ProviderError as exc:
             results = [exc] * self._asked(req)
-            await on_images(results)
+            await arrived(results)
             return results
         asked = self._asked(req)
         notes = []
@@ -437,15 +442,12 @@ class ComfyUIProvider(Provider):
             image.metadata = {"workflow": flow.name, "comfyui_output": _file_label(item)}
             return image
 
-        async def arrived(result):
-            await on_images([result])
-
-        results = await gather_all([lambda i=i: one(i) for i in saved[:asked]], arrived)
+        results = await gather_all([lambda i=i: one(i) for i in saved[:asked]], lambda r: arrived([r]))
         missing = asked - len(results)
         if missing:
             short = ProviderError(f"the workflow saved {len(saved)} image{'s' * (len(saved) != 1)}; "
                                   f"{asked} were asked for (is $count wired to the batch size?)")
-            await on_images([short] * missing)
+            await arrived([short] * missing)
             results += [short] * missing
         return results
 
@@ -472,6 +474,14 @@ class ComfyUIProvider(Provider):
 
     async def _wait(self, prompt_id: str, progress: Progress | None) -> list[dict[str, Any]]:
         """Poll until the graph has run; the images it saved, in the order the server lists them."""
+        try:
+            return await self._poll(prompt_id, progress)
+        except asyncio.CancelledError:  # Ctrl-C or a cancelled bot task: the images are refunded,
+            with contextlib.suppress(asyncio.TimeoutError):  # so spare the server the work
+                await asyncio.wait_for(self._drop(prompt_id), 3)
+            raise
+
+    async def _poll(self, prompt_id: str, progress: Progress | None) -> list[dict[str, Any]]:
         started = time.monotonic()
         timeout, interval = float(self.config["timeout"]), float(self.config["poll_interval"])
         while True:
