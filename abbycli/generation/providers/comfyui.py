@@ -295,7 +295,8 @@ class ComfyUIProvider(Provider):
         for name, value in given.items():
             if value is not None and name not in uses:
                 flag = {"negative_prompt": "--negative", "cfg_scale": "--cfg-scale", "sampler": "--option sampler",
-                        "scheduler": "--option scheduler", "prompt": "the prompt"}.get(name, f"--{name}")
+                        "scheduler": "--option scheduler",
+                        "prompt": "--prompt" if upscale else "the prompt"}.get(name, f"--{name}")
                 raise InvalidInput(f"{flag} is not used by the workflow ({flow.name} has no ${name} placeholder)")
         if req.prompt is not None and "prompt" in uses:
             check_prompt(req, MAX_PROMPT, where)
