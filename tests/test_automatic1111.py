@@ -105,7 +105,7 @@ def test_txt2img_request_is_exactly_as_documented():
     assert (req.method, str(req.url)) == ("POST", f"{HOST}/sdapi/v1/txt2img")
     assert "authorization" not in req.headers  # no auth configured: none sent
     assert server.body() == {
-        "prompt": "a lighthouse", "negative_prompt": "fog", "seed": 7, "sampler_name": "DPM++ 2M",
+        "prompt": "a lighthouse", "seed": 7, "sampler_name": "DPM++ 2M", "negative_prompt": "fog",
         "scheduler": "Karras", "batch_size": 2, "n_iter": 1, "steps": 25, "cfg_scale": 6.5, "width": 672,
         "height": 384, "tiling": False, "override_settings": {"CLIP_stop_at_last_layers": 2}}
     assert [i.seed for i in images] == [7, 8]
@@ -117,7 +117,7 @@ def test_defaults_come_from_the_settings_and_no_seed_is_minus_one():
     server = Server()
     run(server, ImageRequest("text-to-image", prompt="x"), sampler="DDIM", scheduler="Karras", steps=30,
         cfg_scale=5, width=1024, height=768)
-    assert server.body() == {"prompt": "x", "negative_prompt": "", "seed": -1, "sampler_name": "DDIM",
+    assert server.body() == {"prompt": "x", "seed": -1, "sampler_name": "DDIM",
                              "scheduler": "Karras", "batch_size": 1, "n_iter": 1, "steps": 30, "cfg_scale": 5,
                              "width": 1024, "height": 768}
 

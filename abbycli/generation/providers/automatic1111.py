@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 NAME = "automatic1111"
 DEFAULT_HOST = "http://127.0.0.1:7860"
 WHERE = "AUTOMATIC1111"
-API_HINT = "start the WebUI with --api, or point providers.automatic1111.api_host (A1111_API_HOST) at it"
+API_HINT = "start the WebUI with --api (or set providers.automatic1111.api_host / A1111_API_HOST)"
 AUTH_HELP = ("set providers.automatic1111.username and password (A1111_USERNAME, A1111_PASSWORD) to a pair "
              "from the WebUI's --api-auth")
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -307,11 +307,12 @@ class Automatic1111Provider(Provider):
         if req.operation == "upscale":
             return "/sdapi/v1/extra-single-image", self._upscale_body(req, options)
         body: dict[str, Any] = {
-            "prompt": req.prompt, "negative_prompt": req.negative_prompt or "",
-            "seed": req.seed if req.seed is not None else -1,  # -1: the WebUI picks one (read back from info)
+            "prompt": req.prompt, "seed": req.seed if req.seed is not None else -1,  # -1: the WebUI picks one (read back from info)
             "sampler_name": options.pop("sampler_name", self.config.get("sampler")),
             "batch_size": req.count, "n_iter": 1, "steps": req.steps, "cfg_scale": req.cfg_scale,
         }
+        if req.negative_prompt:
+            body["negative_prompt"] = req.negative_prompt
         scheduler = options.pop("scheduler", self.config.get("scheduler"))
         if scheduler:
             body["scheduler"] = scheduler
@@ -395,7 +396,7 @@ class Automatic1111Provider(Provider):
                                         "(providers.automatic1111.timeout); it may still be working on the "
                                         "request") from None
                 except ProviderUnavailable as exc:
-                    raise ProviderUnavailable(f"{exc}; is the WebUI running? {API_HINT}") from None
+                    raise ProviderUnavailable(f"{exc}; {API_HINT}") from None
                 if response.status_code >= 400:
                     raise _error_for(response, self.host, self._auth() is not None, self._secrets())
                 return response
