@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import json
-from pathlib import Path
 
 import httpx
 import pytest
