@@ -137,6 +137,7 @@ class Key:
     env: str | None = None
     secret: bool = False
     from_text: Callable[[str], Any] | None = None  # how to read env vars and `config set`
+    path: bool = False  # a file path: relative to the config file's folder when set there
 
     @property
     def section(self) -> str:
@@ -310,7 +311,10 @@ class Settings:
                     where = f"environment variable {key.env}"
                     out[key.short] = key.parse_text(self.env[key.env]), "env"
                 elif key.short in table:
-                    out[key.short] = table[key.short], "file"
+                    value = table[key.short]
+                    if key.path and self.config_path is not None:
+                        value = str(self.config_path.parent / Path(value).expanduser())
+                    out[key.short] = value, "file"
                 elif legacy and self.sources.get(legacy, "default") != "default":
                     where = _origin(legacy, self.sources, self.config_path) + f" ({legacy})"
                     out[key.short] = key.check(self.value(legacy)), f"{self.sources[legacy]} ({legacy})"

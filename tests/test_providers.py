@@ -141,3 +141,12 @@ def test_a_legacy_stability_model_is_still_checked(tmp_path):
     cfg = write_config(tmp_path / "a.toml", '[generation]\nmodel = "dall-e-3"\n')
     with pytest.raises(ConfigError, match=r"a\.toml \(generation\.model\): unknown model 'dall-e-3'"):
         load_settings(cfg, env={}).provider_config("stability")
+
+
+def test_a_workflow_path_in_the_file_is_relative_to_the_file(tmp_path, monkeypatch):
+    from abbycli.config import load_settings
+
+    cfg = write_config(tmp_path / "conf" / "abby.toml", '[providers.comfyui]\nupscale_workflow = "flows/up.json"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_settings(cfg, env={}).provider_config("comfyui")
+    assert Path(config["upscale_workflow"]) == tmp_path / "conf" / "flows" / "up.json"

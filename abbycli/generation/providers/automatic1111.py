@@ -411,7 +411,7 @@ class Automatic1111Provider(Provider):
             self._checkpoints = items
         return self._checkpoints
 
-    async def model_names(self) -> list[str]:
+    async def list_models(self) -> list[str]:
         """The checkpoint titles the WebUI offers, for listings (``--model`` takes these)."""
         return [str(i.get("title") or i.get("model_name")) for i in await self.checkpoints()]
 

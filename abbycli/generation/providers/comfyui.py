@@ -207,12 +207,12 @@ class ComfyUIProvider(Provider):
             "Checkpoint file name on the server (fills $model when --model is not given),\n"
             "e.g. v1-5-pruned-emaonly.safetensors."),
         Key("providers.comfyui.text_to_image_workflow", non_empty, None,
-            "API-format workflow file for `abby generate` (absolute, or relative to the current folder).\n"
-            "Default: abby's built-in SD checkpoint graph."),
+            "API-format workflow file for `abby generate` (relative paths: to this file's folder).\n"
+            "Default: abby's built-in SD checkpoint graph.", path=True),
         Key("providers.comfyui.image_to_image_workflow", non_empty, None,
-            "API-format workflow file for `abby img2img`. Default: abby's built-in SD graph."),
+            "API-format workflow file for `abby img2img`. Default: abby's built-in SD graph.", path=True),
         Key("providers.comfyui.upscale_workflow", non_empty, None,
-            "API-format workflow file for `abby upscale` (no built-in one)."),
+            "API-format workflow file for `abby upscale` (no built-in one).", path=True),
         Key("providers.comfyui.width", Bounded(16, 16384, "pixels", whole=True), 512,
             "Image width ($width) when --width is not given.", from_text=number_text),
         Key("providers.comfyui.height", Bounded(16, 16384, "pixels", whole=True), 512,
