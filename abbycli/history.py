@@ -9,13 +9,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import AbbyError, ApiRejected, ContentFiltered, QuotaExceeded
+from .storage.backend import HISTORY_COLUMNS as COLUMNS
 from .storage.manager import StorageManager
 
 # "interrupted": the run was stopped (Ctrl-C, a cancelled task) before this image was made;
 # its reservation was refunded.
 OUTCOMES = ("success", "filtered", "refused-limit", "rejected", "failed", "interrupted")
-COLUMNS = ("id", "at", "user_id", "operation", "provider", "model", "prompt", "seed", "duration", "bytes",
-           "outcome", "error_type", "error", "image_id")
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -37,12 +36,9 @@ def record(storage: StorageManager, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     try:
-        with storage.ledger.write() as conn:
-            conn.executemany(
-                f"INSERT INTO history ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})",
-                [tuple(r.get(c) for c in COLUMNS[1:]) for r in rows],
-            )
-    except (AbbyError, OverflowError, ValueError, TypeError) as exc:  # a value SQLite cannot hold, say
+        with storage.ledger.write() as tx:
+            tx.append_history([tuple(r.get(c) for c in COLUMNS[1:]) for r in rows])
+    except (AbbyError, OverflowError, ValueError, TypeError) as exc:  # a value the ledger cannot hold, say
         import logging
 
         logging.getLogger("abby.history").warning("could not record %d generation attempt(s): %s", len(rows), exc)
@@ -72,19 +68,8 @@ def _message(error: BaseException | None) -> str | None:
 def query(storage: StorageManager, user_id: str | None = None, since: float | None = None,
           limit: int | None = None) -> list[dict[str, Any]]:
     """Attempts, newest first."""
-    sql, args = f"SELECT {', '.join(COLUMNS)} FROM history WHERE 1 = 1", []
-    if user_id is not None:
-        sql += " AND user_id = ?"
-        args.append(user_id)
-    if since is not None:
-        sql += " AND at >= ?"
-        args.append(since)
-    sql += " ORDER BY at DESC, id DESC"
-    if limit:
-        sql += " LIMIT ?"
-        args.append(limit)
-    with storage.ledger.read() as conn:
-        rows = [dict(zip(COLUMNS, r)) for r in conn.execute(sql, args)]
+    with storage.ledger.read() as tx:
+        rows = [dict(zip(COLUMNS, r)) for r in tx.history(user_id, since, limit)]
     for r in rows:
         r["at"] = datetime.fromtimestamp(r["at"], timezone.utc).isoformat(timespec="seconds")
     return rows
@@ -100,9 +85,11 @@ def stats(storage: StorageManager, days: int = 7, top: int = 10, now: float | No
     today = datetime.fromtimestamp(now, tz).date()
     first = today - timedelta(days=days - 1)
     start = datetime.combine(first, datetime.min.time(), tz).timestamp()
-    with storage.ledger.read() as conn:
-        rows = conn.execute("SELECT at, user_id, outcome, bytes, error_type FROM history WHERE at >= ?",
-                            (start,)).fetchall()
+    with storage.ledger.read() as tx:
+        records = tx.history(since=start)
+    at, user, outcome, nbytes, error_type = (COLUMNS.index(c) for c in ("at", "user_id", "outcome", "bytes",
+                                                                       "error_type"))
+    rows = [(r[at], r[user], r[outcome], r[nbytes], r[error_type]) for r in records]
     per_day = {(first + timedelta(days=i)).isoformat(): {"generations": 0, "bytes": 0, "attempts": 0}
                for i in range(days)}
     outcomes: Counter = Counter()

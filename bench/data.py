@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from abbycli import StorageManager
+from abbycli.storage.backend import ImageRow
 from abbycli.storage.names import encode_user_id
 
 DAY = 86400
@@ -31,7 +32,7 @@ def build_store(root: Path, files: int, users: int, expired: int = 0, size: int 
                 age_days: float = 30) -> StorageManager:
     """A store with ``files`` images spread over ``users``; the first ``expired`` are ``age_days`` old."""
     sm = StorageManager(root, max_global_storage_mb=10**6, max_user_storage_mb=10**5, max_user_daily_gens=10**6)
-    sm._prepare()
+    sm.blobs.prepare()
     sm.ledger.open()  # an empty ledger first: made after the files, it would be rebuilt from them
     data = png_bytes(size)
     now = time.time()
@@ -40,16 +41,15 @@ def build_store(root: Path, files: int, users: int, expired: int = 0, size: int 
     for i in range(files):
         user = f"user{i % users}"
         folder = encode_user_id(user)
-        rel = f"images/users/{folder}/bench-{i}.png"
+        key = f"users/{folder}/bench-{i}.png"
         if folder not in made_dirs:
             (root / "images" / "users" / folder).mkdir(parents=True, exist_ok=True)
             made_dirs.add(folder)
         created = now - age_days * DAY if i < expired else now - 60
-        write_file(root / rel, data, created)
-        rows.append((user, rel, len(data), "png", created))
-    with sm.ledger.write() as conn:
-        conn.executemany("INSERT INTO images (user_id, rel_path, size, format, created_at) VALUES (?, ?, ?, ?, ?)",
-                         rows)
+        write_file(root / "images" / key, data, created)
+        rows.append(ImageRow(None, user, key, len(data), "png", created))
+    with sm.ledger.write() as tx:
+        tx.insert_images(rows)
     return sm
 
 
@@ -72,10 +72,9 @@ def restore_expired(sm: StorageManager, root: Path, expired: int, users: int, si
         user = f"user{i % users}"
         folder = root / "images" / "users" / encode_user_id(user)
         folder.mkdir(parents=True, exist_ok=True)
-        rel = f"images/users/{encode_user_id(user)}/bench-{i}.png"
-        write_file(root / rel, data, created)
-        rows.append((user, rel, len(data), "png", created))
+        key = f"users/{encode_user_id(user)}/bench-{i}.png"
+        write_file(root / "images" / key, data, created)
+        rows.append(ImageRow(None, user, key, len(data), "png", created))
     if ledger:
-        with sm.ledger.write() as conn:
-            conn.executemany("INSERT OR IGNORE INTO images (user_id, rel_path, size, format, created_at) "
-                             "VALUES (?, ?, ?, ?, ?)", rows)
+        with sm.ledger.write() as tx:
+            tx.insert_images(rows)

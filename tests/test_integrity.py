@@ -21,6 +21,7 @@ from abbycli import (DailyLimitReached, FileInUse, InvalidInput, StorageError, S
                      UserQuotaExceeded)
 from abbycli.storage import safefs
 from conftest import MIB, make_png, run_abby
+from ledger_helpers import ledger_sql
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -195,10 +196,9 @@ def test_slots_of_a_killed_generation_are_reclaimed_at_the_next_request(root):
 
 def test_reservations_of_another_host_are_reclaimed_only_by_age(storage):
     now = time.time()
-    with storage.ledger.write() as conn:
+    with storage.ledger.write() as tx:
         for age in (100, 4000):  # one running elsewhere, one abandoned long ago
-            conn.execute("INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) "
-                         "VALUES ('alice', ?, 1000, 1, 'another-host', ?)", (storage.quota.today(), now - age))
+            tx.reserve("alice", storage.quota.today(), 1000, 1, 1, "another-host", now - age)
     storage.quota.reserve_generation("alice")
     assert storage.get_quota_status("alice")["daily"]["in_progress"] == 2  # the old one went, the new one came
     with pytest.raises(DailyLimitReached):
@@ -342,7 +342,7 @@ def test_reading_commands_work_on_a_read_only_store(read_only_store):
 def test_a_failing_folder_fsync_is_a_storage_error_and_leaves_nothing(storage, root, monkeypatch):
     if os.name != "posix":
         pytest.skip("Windows cannot fsync a folder; abby does not try")
-    from abbycli.storage import manager
+    from abbycli.storage import blobs
 
     real_fsync = os.fsync
 
@@ -351,7 +351,7 @@ def test_a_failing_folder_fsync_is_a_storage_error_and_leaves_nothing(storage, r
             raise OSError(errno.EIO, "Input/output error")
         return real_fsync(fd)
 
-    monkeypatch.setattr(manager.os, "fsync", failing)
+    monkeypatch.setattr(blobs.os, "fsync", failing)
     with pytest.raises(StorageError, match="durable"):
         storage.store(make_png(1000), "alice")
     monkeypatch.undo()
@@ -463,8 +463,8 @@ def test_an_image_cut_and_padded_to_its_length_is_refused(storage, kind):
 
 def test_a_tampered_ledger_path_is_never_acted_on(storage, root):
     image = storage.store(make_png(1000), "alice")
-    with storage.ledger.write() as conn:
-        conn.execute("UPDATE images SET rel_path = 'images/users/alice/..' WHERE id = ?", (image.id,))
+    with ledger_sql(storage) as conn:
+        conn.execute("UPDATE images SET key = 'users/alice/..' WHERE id = ?", (image.id,))
     other = storage.store(make_png(1001), "alice")
     report = storage.cleanup(older_than_days=0)
     assert report.deleted == [str(other.path)] and len(report.skipped) == 1

@@ -17,6 +17,7 @@ import pytest
 from abbycli import (DailyLimitReached, GlobalQuotaExceeded, InvalidInput, NotFound, StorageManager,
                      UserQuotaExceeded)
 from conftest import MIB, make_image, make_png
+from ledger_helpers import ledger_sql
 
 
 def save(storage, data, user="alice", name="generated.png"):
@@ -185,7 +186,7 @@ def test_cleanup_by_ledger_time_and_dry_run_matches(storage, root):
     old = [storage.store(make_png(1000), "alice") for _ in range(3)]
     new = storage.store(make_png(1000), "bob")
     # Make the old ones 10 days old in the ledger only: file mtimes must not matter.
-    with storage.ledger.write() as conn:
+    with ledger_sql(storage) as conn:
         conn.executemany("UPDATE images SET created_at = created_at - 10 * 86400 WHERE id = ?", [(i.id,) for i in old])
     now = time.time()
     dry = storage.cleanup(dry_run=True, now=now)
@@ -263,10 +264,10 @@ def test_check_finds_and_fixes_every_kind_of_drift(storage, root):
     orphan.parent.mkdir()
     orphan.write_bytes(make_png(700))
     (root / "temp" / "999999999-left.part").write_bytes(b"partial")
-    with storage.ledger.write() as conn:  # totals drift, as after a hand edit of the database
+    with ledger_sql(storage) as conn:  # totals drift, as after a hand edit of the database
         conn.execute("UPDATE totals SET bytes = bytes + 5")
-        conn.execute("INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) "
-                     "VALUES ('dave', '2000-01-01', 100, 999999999, 'h', 0)")
+    with storage.ledger.write() as tx:
+        tx.reserve("dave", "2000-01-01", 100, 1, 999999999, "h", 0)
 
     report = storage.check()
     kinds = sorted(p.kind for p in report.problems)

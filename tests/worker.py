@@ -34,22 +34,22 @@ def main() -> None:
     limits = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
     sm = StorageManager(root, **limits)
     data = make_png(int(size))
-    if action == "save-then-die":  # killed after the file is in place, before the commit
-        original = StorageManager._place
+    if action == "save-then-die":  # killed after the blob is in place, before the commit
+        original = sm.blobs.commit
 
-        def place_and_die(temp, final):
-            original(temp, final)
+        def commit_and_die(staged, key):
+            original(staged, key)
             die()
 
-        sm._place = place_and_die
+        sm.blobs.commit = commit_and_die
     elif action == "temp-then-die":  # killed after the temp file is written
-        original_temp = sm._write_temp
+        original_stage = sm.blobs.stage
 
-        def temp_and_die(payload):
-            original_temp(payload)
+        def stage_and_die(payload):
+            original_stage(payload)
             die()
 
-        sm._write_temp = temp_and_die
+        sm.blobs.stage = stage_and_die
     while time.time() < float(start_at):  # start together, for maximum contention
         time.sleep(0.001)
     ok = refused = 0

@@ -1,22 +1,22 @@
 """QuotaManager: the limits, the check-and-reserve logic and the seed's status dict.
 
-Every check here runs on a connection that is inside a ``BEGIN IMMEDIATE``
-transaction opened by the caller, so the check and the row that consumes the
-quota commit together. A check outside that transaction would be no quota.
+Every check here runs on a ledger transaction opened by the caller with
+``ledger.write()``, so the check and the row that consumes the quota commit
+together. A check outside that transaction would be no quota. The rules and
+messages live here; the ledger (backend.py) only stores and counts.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from ..errors import DailyLimitReached, GlobalQuotaExceeded, InvalidInput, QuotaExceeded, UserQuotaExceeded
-from .ledger import Ledger
+from .backend import Ledger, LedgerReader, LedgerWriter, ReservationRow
 from .names import validate_user_id
 
 MIB = 1024 * 1024
@@ -117,16 +117,19 @@ def _status(used: int, total: int) -> tuple[float, str]:
     return percentage, "WARNING" if used * 100 >= total * WARNING_PERCENT else "OK"
 
 
-def reclaim_abandoned(conn: sqlite3.Connection, now: float, user_id: str | None = None) -> list[tuple]:
-    """Delete reservations whose owner is gone (see ``liveness.abandoned``); returns
-    their rows (id, user_id, bytes, pid, host, created_at). A crashed bot must not
-    keep a user's daily slots until the next cleanup."""
+def abandoned_reservations(tx: LedgerReader, now: float, user_id: str | None = None) -> list[ReservationRow]:
+    """Reservations whose owner is gone (see ``liveness.abandoned``): by age, or on this
+    host by a pid that no longer runs."""
     from .liveness import abandoned
 
-    sql = "SELECT id, user_id, bytes, pid, host, created_at FROM reservations"
-    rows = conn.execute(sql + " WHERE user_id = ?", (user_id,)).fetchall() if user_id else conn.execute(sql).fetchall()
-    stale = [r for r in rows if abandoned(r[3], r[4], r[5], now)]
-    conn.executemany("DELETE FROM reservations WHERE id = ?", [(r[0],) for r in stale])
+    return [r for r in tx.reservations(user_id) if abandoned(r.pid, r.host, r.created_at, now)]
+
+
+def reclaim_abandoned(tx: LedgerWriter, now: float, user_id: str | None = None) -> list[ReservationRow]:
+    """Delete abandoned reservations; returns them. A crashed bot must not keep a
+    user's daily slots until the next cleanup."""
+    stale = abandoned_reservations(tx, now, user_id)
+    tx.release_many([r.id for r in stale])
     return stale
 
 
@@ -151,32 +154,26 @@ class QuotaManager:
         return midnight
 
     # --- checks (inside the caller's write transaction) ---------------------
-    def check_room(self, conn: sqlite3.Connection, user_id: str, nbytes: int) -> None:
+    def check_room(self, tx: LedgerReader, user_id: str, nbytes: int) -> None:
         """Raise unless ``nbytes`` more fit under the user's and the global cap."""
         lim = self.limits
         if nbytes > lim.user_bytes:
             raise UserQuotaExceeded(too_big_for_user(nbytes, lim.user_bytes))
-        row = conn.execute("SELECT bytes + reserved FROM usage WHERE user_id = ?", (user_id,)).fetchone()
-        user_used = row[0] if row else 0
+        usage = tx.usage(user_id)
+        user_used = usage.bytes + usage.reserved
         if user_used + nbytes > lim.user_bytes:
             used, cap = size_pair(user_used, lim.user_bytes)
             raise UserQuotaExceeded(
                 f"user {user_id!r} is at their storage limit: {used} of {cap} used, "
                 f"{human_size(nbytes)} more needed"
             )
-        global_used = conn.execute("SELECT bytes + reserved FROM totals").fetchone()[0]
+        totals = tx.totals()
+        global_used = totals.bytes + totals.reserved
         if global_used + nbytes > lim.global_bytes:
             used, cap = size_pair(global_used, lim.global_bytes)
             raise GlobalQuotaExceeded(
                 f"the shared storage is full: {used} of {cap} used, {human_size(nbytes)} more needed"
             )
-
-    def _daily_taken(self, conn: sqlite3.Connection, user_id: str, day: str) -> tuple[int, int]:
-        used = conn.execute("SELECT used FROM daily WHERE user_id = ? AND day = ?", (user_id, day)).fetchone()
-        held = conn.execute(
-            "SELECT COUNT(*) FROM reservations WHERE user_id = ? AND day = ?", (user_id, day)
-        ).fetchone()[0]
-        return (used[0] if used else 0), held
 
     # --- the daily-generation API -------------------------------------------
     def reserve_generation(self, user_id: str, nbytes: int | None = None) -> Reservation:
@@ -187,10 +184,10 @@ class QuotaManager:
         """
         return self.reserve_generations(user_id, 1, nbytes)[0]
 
-    def _check_generations(self, conn: sqlite3.Connection, user_id: str, count: int, nbytes: int,
+    def _check_generations(self, tx: LedgerReader, user_id: str, count: int, nbytes: int,
                            day: str) -> None:
         """Raise unless ``count`` more generations of ``nbytes`` each fit today."""
-        used, held = self._daily_taken(conn, user_id, day)
+        used, held = tx.daily_taken(user_id, day)
         left = self.limits.daily_gens - used - held
         if count > left:
             running = f", {held} still running" if held else ""
@@ -200,7 +197,7 @@ class QuotaManager:
                 f"{self.limits.daily_gens} are left today{running}; "
                 f"the limit resets at {self.next_reset():%Y-%m-%d %H:%M %Z}"
             )
-        self.check_room(conn, user_id, nbytes * count)
+        self.check_room(tx, user_id, nbytes * count)
 
     def reserve_generations(self, user_id: str, count: int, nbytes: int | None = None) -> list[Reservation]:
         """Reserve ``count`` generations at once, or none: asking for 4 with 2 left is refused whole."""
@@ -209,14 +206,11 @@ class QuotaManager:
         user_id = validate_user_id(user_id)
         nbytes = self.limits.generation_bytes if nbytes is None else nbytes
         day = self.today()
-        with self.ledger.write() as conn:
+        with self.ledger.write() as tx:
             now, pid, host = time.time(), os.getpid(), socket.gethostname()
-            reclaim_abandoned(conn, now, user_id)
-            self._check_generations(conn, user_id, count, nbytes, day)
-            ids = [conn.execute(
-                "INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (user_id, day, nbytes, pid, host, now),
-            ).lastrowid for _ in range(count)]
+            reclaim_abandoned(tx, now, user_id)
+            self._check_generations(tx, user_id, count, nbytes, day)
+            ids = tx.reserve(user_id, day, nbytes, count, pid, host, now)
         return [Reservation(i, user_id, day, nbytes) for i in ids]
 
     def would_refuse(self, user_id: str, count: int) -> QuotaExceeded | None:
@@ -224,72 +218,65 @@ class QuotaManager:
         if count == 0:
             return None
         user_id = validate_user_id(user_id)
-        with self.ledger.read() as conn:
+        with self.ledger.read() as tx:
             try:
-                self._check_generations(conn, user_id, count, self.limits.generation_bytes, self.today())
+                self._check_generations(tx, user_id, count, self.limits.generation_bytes, self.today())
             except QuotaExceeded as exc:
                 return exc
         return None
 
-    def settle(self, conn: sqlite3.Connection, reservation: Reservation, charge: bool) -> bool:
+    def settle(self, tx: LedgerWriter, reservation: Reservation, charge: bool) -> bool:
         """Release a reservation's room and, if ``charge``, count its daily slot.
 
         Settling twice (store() with the reservation, then confirm(); or a refund
         after a reclaim) is a no-op: the slot is counted by whoever removes the row.
         Returns False when the reservation was already settled.
         """
-        if conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,)).rowcount == 0:
+        if not tx.release(reservation.id):
             return False
         if charge:
-            conn.execute(
-                "INSERT INTO daily (user_id, day, used) VALUES (?, ?, 1) "
-                "ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1",
-                (reservation.user_id, reservation.day),
-            )
+            tx.count_generation(reservation.user_id, reservation.day)
         return True
 
-    def charge(self, conn: sqlite3.Connection, reservation: Reservation) -> None:
+    def charge(self, tx: LedgerWriter, reservation: Reservation) -> None:
         """Count the daily slot of a generation whose image is being stored: by settling
         its reservation, or, if that was already settled (used for another image,
         refunded, or reclaimed after an hour), as a new generation that must fit under
         today's limit. One paid image is never stored without one slot counted."""
-        if self.settle(conn, reservation, charge=True):
+        if self.settle(tx, reservation, charge=True):
             return
         day = self.today()
-        self._check_generations(conn, reservation.user_id, 1, 0, day)
-        conn.execute("INSERT INTO daily (user_id, day, used) VALUES (?, ?, 1) "
-                     "ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1", (reservation.user_id, day))
+        self._check_generations(tx, reservation.user_id, 1, 0, day)
+        tx.count_generation(reservation.user_id, day)
 
     def confirm(self, reservation: Reservation) -> None:
         """The generation succeeded: the daily slot is spent, the held room freed."""
-        with self.ledger.write() as conn:
-            self.settle(conn, reservation, charge=True)
+        with self.ledger.write() as tx:
+            self.settle(tx, reservation, charge=True)
 
     def refund(self, reservation: Reservation) -> None:
         """The generation failed or was filtered: give the slot and the room back."""
-        with self.ledger.write() as conn:
-            self.settle(conn, reservation, charge=False)
+        with self.ledger.write() as tx:
+            self.settle(tx, reservation, charge=False)
 
     # --- reports --------------------------------------------------------------
     def status(self, user_id: str) -> dict:
         """The seed's three-part status dict, plus exact byte counts."""
         user_id = validate_user_id(user_id)
         day = self.today()
-        with self.ledger.read() as conn:
-            g_used, g_reserved = conn.execute("SELECT bytes, reserved FROM totals").fetchone()
-            row = conn.execute("SELECT bytes, reserved FROM usage WHERE user_id = ?", (user_id,)).fetchone()
-            u_used, u_reserved = row if row else (0, 0)
-            d_used, d_held = self._daily_taken(conn, user_id, day)
+        with self.ledger.read() as tx:
+            everyone, user = tx.totals(), tx.usage(user_id)
+            d_used, d_held = tx.daily_taken(user_id, day)
         return {
-            "global": self._part(g_used, g_reserved, self.limits.global_bytes, "total"),
-            "user": self._part(u_used, u_reserved, self.limits.user_bytes, "limit"),
+            "global": self._part(everyone.bytes, everyone.reserved, self.limits.global_bytes, "total"),
+            "user": self._part(user.bytes, user.reserved, self.limits.user_bytes, "limit"),
             "daily": self._daily_part(d_used, d_held),
         }
 
     def global_status(self) -> dict:
-        with self.ledger.read() as conn:
-            used, reserved, files = conn.execute("SELECT bytes, reserved, files FROM totals").fetchone()
-        return self._part(used, reserved, self.limits.global_bytes, "total") | {"files": files}
+        with self.ledger.read() as tx:
+            totals = tx.totals()
+        return self._part(totals.bytes, totals.reserved, self.limits.global_bytes, "total") | {"files": totals.files}
 
     def _part(self, used: int, reserved: int, cap: int, word: str) -> dict:
         percentage, status = _status(used, cap)
@@ -308,15 +295,11 @@ class QuotaManager:
     def users(self) -> list[dict]:
         """Every user with stored bytes or reservations, largest first."""
         day = self.today()
-        with self.ledger.read() as conn:
-            rows = conn.execute(
-                "SELECT u.user_id, u.bytes, u.files, u.reserved, COALESCE(d.used, 0) FROM usage u "
-                "LEFT JOIN daily d ON d.user_id = u.user_id AND d.day = ? "
-                "WHERE u.files > 0 OR u.reserved > 0 OR d.used > 0 ORDER BY u.bytes DESC, u.user_id",
-                (day,),
-            ).fetchall()
+        with self.ledger.read() as tx:
+            rows = tx.users_usage(day)
         out = []
-        for user_id, nbytes, files, reserved, gens in rows:
+        for user_id, nbytes, files, reserved, gens in ((r.user_id, r.bytes, r.files, r.reserved, r.daily_used)
+                                                       for r in rows):
             percentage, status = _status(nbytes, self.limits.user_bytes)
             out.append({
                 "user_id": user_id, "used_bytes": nbytes, "used_mb": mib(nbytes), "files": files,

@@ -12,6 +12,11 @@ the folders. ``synchronous=NORMAL`` is enough: image files are fsynced before
 their row is committed, so a power cut can at worst forget the last rows,
 leaving files that ``abby check --fix`` adopts again; it can never leave a row
 without its file.
+
+The schema grows by migrations: an ordered list of small steps, each recorded
+in ``schema_migrations`` when it runs; ``PRAGMA user_version`` mirrors the
+last one, so opening a current ledger costs one pragma and an older abby
+refuses a newer ledger by itself.
 """
 
 from __future__ import annotations
@@ -20,16 +25,44 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from ..errors import Busy, ReadOnlyStore, StorageError
+from .backend import (HISTORY_COLUMNS, ImageRow, Ledger, LedgerReader, LedgerWriter, ReservationRow,
+                      TotalsAudit, Usage, UserUsage)
 
-# 2: history table; 3: state table; 4: deleting table (created in place: the schema script is idempotent)
-SCHEMA_VERSION = 4
+# --- migrations ---------------------------------------------------------------------
 
-_SCHEMA = """
+MIGRATIONS: list[tuple[int, str, Callable[[sqlite3.Connection], None]]] = []
+
+
+def _migration(fn: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
+    """Register the next schema step. Steps are never edited once released: a change is a new step."""
+    MIGRATIONS.append((len(MIGRATIONS) + 1, fn.__name__, fn))
+    return fn
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    """Run a script statement by statement inside the caller's transaction
+    (executescript would commit it first). Trigger bodies hold semicolons of their
+    own, so statements are cut where SQLite says one is complete."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                conn.execute(pending)
+            pending = ""
+
+
+# IF NOT EXISTS in the first four steps: ledgers of versions 1-3 were made by one
+# idempotent script, which these steps complete safely whatever it had made.
+@_migration
+def images_usage_reservations_daily(conn: sqlite3.Connection) -> None:
+    _run(conn, """
 CREATE TABLE IF NOT EXISTS images (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id    TEXT    NOT NULL,
@@ -68,45 +101,6 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 CREATE INDEX IF NOT EXISTS reservations_by_user ON reservations(user_id, day);
 
--- Every generation attempt, for `abby history` and `abby stats`.
-CREATE TABLE IF NOT EXISTS history (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    at         REAL    NOT NULL,          -- Unix time the attempt started
-    user_id    TEXT    NOT NULL,
-    operation  TEXT    NOT NULL,          -- text-to-image | image-to-image | upscale
-    provider   TEXT,
-    model      TEXT,
-    prompt     TEXT,
-    seed       INTEGER,
-    duration   REAL,                      -- seconds
-    bytes      INTEGER,
-    outcome    TEXT    NOT NULL,          -- success | filtered | refused-limit | rejected | failed
-    error_type TEXT,
-    error      TEXT,
-    image_id   INTEGER
-);
-CREATE INDEX IF NOT EXISTS history_by_time ON history(at);
-CREATE INDEX IF NOT EXISTS history_by_user ON history(user_id, at);
-
--- Flags about the ledger itself; 'rebuild' is set when a new ledger was created
--- next to existing images (the old one was lost) and cleared once it is rebuilt.
-CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
-
--- Images being deleted: their rows leave `images` (no longer listed) but stay
--- counted in the usage totals until their files are really gone. A delete or
--- cleanup that dies half-way leaves them here, and the next cleanup or
--- `check --fix` finishes the job: the quota never forgets a file on disk.
-CREATE TABLE IF NOT EXISTS deleting (
-    id         INTEGER PRIMARY KEY,
-    user_id    TEXT    NOT NULL,
-    rel_path   TEXT    NOT NULL,
-    size       INTEGER NOT NULL,
-    format     TEXT,
-    created_at REAL    NOT NULL,
-    meta       TEXT,
-    since      REAL    NOT NULL          -- Unix time the delete began
-);
-
 CREATE TABLE IF NOT EXISTS daily (
     user_id TEXT NOT NULL,
     day     TEXT NOT NULL,
@@ -141,7 +135,105 @@ CREATE TRIGGER IF NOT EXISTS reservations_del AFTER DELETE ON reservations BEGIN
     UPDATE usage SET reserved = reserved - OLD.bytes WHERE user_id = OLD.user_id;
     UPDATE totals SET reserved = reserved - OLD.bytes;
 END;
-"""
+""")
+
+
+@_migration
+def history(conn: sqlite3.Connection) -> None:
+    """Every generation attempt, for `abby history` and `abby stats`."""
+    _run(conn, """
+CREATE TABLE IF NOT EXISTS history (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         REAL    NOT NULL,          -- Unix time the attempt started
+    user_id    TEXT    NOT NULL,
+    operation  TEXT    NOT NULL,          -- text-to-image | image-to-image | upscale
+    provider   TEXT,
+    model      TEXT,
+    prompt     TEXT,
+    seed       INTEGER,
+    duration   REAL,                      -- seconds
+    bytes      INTEGER,
+    outcome    TEXT    NOT NULL,          -- success | filtered | refused-limit | rejected | failed | interrupted
+    error_type TEXT,
+    error      TEXT,
+    image_id   INTEGER
+);
+CREATE INDEX IF NOT EXISTS history_by_time ON history(at);
+CREATE INDEX IF NOT EXISTS history_by_user ON history(user_id, at);
+""")
+
+
+@_migration
+def state(conn: sqlite3.Connection) -> None:
+    """Flags about the ledger itself; 'rebuild' is set when a new ledger was created
+    next to existing images (the old one was lost) and cleared once it is rebuilt."""
+    conn.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT)")
+
+
+@_migration
+def deleting(conn: sqlite3.Connection) -> None:
+    """Images being deleted: their rows leave `images` (no longer listed) but stay
+    counted in the usage totals until their files are really gone. A delete or
+    cleanup that dies half-way leaves them here, and the next cleanup or
+    `check --fix` finishes the job: the quota never forgets a file on disk."""
+    conn.execute("""
+CREATE TABLE IF NOT EXISTS deleting (
+    id         INTEGER PRIMARY KEY,
+    user_id    TEXT    NOT NULL,
+    rel_path   TEXT    NOT NULL,
+    size       INTEGER NOT NULL,
+    format     TEXT,
+    created_at REAL    NOT NULL,
+    meta       TEXT,
+    since      REAL    NOT NULL          -- Unix time the delete began
+)""")
+
+
+@_migration
+def blob_keys(conn: sqlite3.Connection) -> None:
+    """Rows name blob keys ('users/<dir>/<file>'), which any blob store maps under its
+    own root, instead of paths under the local root ('images/users/...')."""
+    for table in ("images", "deleting"):
+        conn.execute(f"ALTER TABLE {table} RENAME COLUMN rel_path TO key")
+        conn.execute(f"UPDATE {table} SET key = substr(key, 8) WHERE key LIKE 'images/%'")
+
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection, *, lost: Callable[[], bool] | None = None) -> list[str]:
+    """Apply the steps this ledger lacks, all in one write transaction; returns their names.
+
+    Ledgers from before the migrations table (versions 1-4) say how far they got in
+    ``user_version``. ``lost`` is asked, for a brand-new ledger only, whether images
+    exist without it (the old ledger was lost): then it is flagged for a rebuild.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                     "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+        done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+        now = time.time()
+        if not done and version:
+            conn.executemany("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                             [(v, name, now) for v, name, _ in MIGRATIONS if v <= version])
+            done = set(range(1, version + 1))
+        applied = []
+        for number, name, step in MIGRATIONS:
+            if number not in done:
+                step(conn)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (number, name, now))
+                applied.append(name)
+        if version == 0 and lost is not None and lost():
+            conn.execute("INSERT OR REPLACE INTO state VALUES ('rebuild', 'ledger lost')")
+        conn.execute(f"PRAGMA user_version={max(SCHEMA_VERSION, version)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return applied
 
 
 # SQLite's primary result codes (the low byte of sqlite_errorcode).
@@ -194,7 +286,243 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
 
-class Ledger:
+_IMAGE = "id, user_id, key, size, format, created_at, meta"
+
+
+def _image(row: tuple | None) -> ImageRow | None:
+    return None if row is None else ImageRow(*row)
+
+
+class _Reader(LedgerReader):
+    """Domain reads on a connection inside a transaction the ledger opened."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def usage(self, user_id: str) -> Usage:
+        row = self._conn.execute("SELECT bytes, files, reserved FROM usage WHERE user_id = ?", (user_id,)).fetchone()
+        return Usage(*row) if row else Usage(0, 0, 0)
+
+    def totals(self) -> Usage:
+        return Usage(*self._conn.execute("SELECT bytes, files, reserved FROM totals").fetchone())
+
+    def daily_taken(self, user_id: str, day: str) -> tuple[int, int]:
+        used = self._conn.execute("SELECT used FROM daily WHERE user_id = ? AND day = ?", (user_id, day)).fetchone()
+        held = self._conn.execute("SELECT COUNT(*) FROM reservations WHERE user_id = ? AND day = ?",
+                                  (user_id, day)).fetchone()[0]
+        return (used[0] if used else 0), held
+
+    def users_usage(self, day: str) -> list[UserUsage]:
+        return [UserUsage(*r) for r in self._conn.execute(
+            "SELECT u.user_id, u.bytes, u.files, u.reserved, COALESCE(d.used, 0) FROM usage u "
+            "LEFT JOIN daily d ON d.user_id = u.user_id AND d.day = ? "
+            "WHERE u.files > 0 OR u.reserved > 0 OR d.used > 0 ORDER BY u.bytes DESC, u.user_id", (day,))]
+
+    def reservations(self, user_id: str | None = None) -> list[ReservationRow]:
+        sql = "SELECT id, user_id, day, bytes, pid, host, created_at FROM reservations"
+        rows = (self._conn.execute(sql + " WHERE user_id = ? ORDER BY id", (user_id,)) if user_id is not None
+                else self._conn.execute(sql + " ORDER BY id"))
+        return [ReservationRow(*r) for r in rows]
+
+    def image(self, image_id: int) -> ImageRow | None:
+        return _image(self._conn.execute(f"SELECT {_IMAGE} FROM images WHERE id = ?", (image_id,)).fetchone())
+
+    def image_by_key(self, key: str) -> ImageRow | None:
+        return _image(self._conn.execute(f"SELECT {_IMAGE} FROM images WHERE key = ?", (key,)).fetchone())
+
+    def images(self, user_id: str | None = None, limit: int | None = None) -> list[ImageRow]:
+        sql, args = f"SELECT {_IMAGE} FROM images", []
+        if user_id is not None:
+            sql += " WHERE user_id = ?"
+            args.append(user_id)
+        sql += " ORDER BY created_at DESC, id DESC"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [ImageRow(*r) for r in self._conn.execute(sql, args)]
+
+    def images_created_before(self, cutoff: float, user_id: str | None = None) -> list[ImageRow]:
+        where, args = _matching(None, cutoff, user_id)
+        return [ImageRow(*r) for r in self._conn.execute(
+            f"SELECT {_IMAGE} FROM images WHERE {where} ORDER BY created_at, id", args)]
+
+    def pending_deletes(self, started_before: float | None = None) -> list[ImageRow]:
+        sql, args = f"SELECT {_IMAGE} FROM deleting", []
+        if started_before is not None:
+            sql += " WHERE since < ?"
+            args.append(started_before)
+        return [ImageRow(*r) for r in self._conn.execute(sql + " ORDER BY created_at, id", args)]
+
+    def count_images(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def blob_sizes(self) -> dict[str, int]:
+        # Files of an interrupted delete are known too: `deleting` still counts them.
+        return dict(self._conn.execute("SELECT key, size FROM images UNION ALL SELECT key, size FROM deleting"))
+
+    def _truth(self) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+        """Per-user (bytes, files) summed over the rows, and reserved bytes summed over reservations."""
+        truth = {u: (b, f) for u, b, f in self._conn.execute(
+            "SELECT user_id, SUM(size), COUNT(*) FROM (SELECT user_id, size FROM images "
+            "UNION ALL SELECT user_id, size FROM deleting) GROUP BY user_id")}
+        held = dict(self._conn.execute("SELECT user_id, SUM(bytes) FROM reservations GROUP BY user_id").fetchall())
+        return truth, held
+
+    def audit_totals(self) -> TotalsAudit:
+        truth, held = self._truth()
+        recorded = {u: (b, f, r) for u, b, f, r in self._conn.execute(
+            "SELECT user_id, bytes, files, reserved FROM usage")}
+        wrong = sorted(u for u in set(truth) | set(recorded) | set(held)
+                       if (truth.get(u, (0, 0)) + (held.get(u, 0),)) != recorded.get(u, (0, 0, 0)))
+        want = (sum(b for b, _ in truth.values()), sum(f for _, f in truth.values()), sum(held.values()))
+        total = tuple(self._conn.execute("SELECT bytes, files, reserved FROM totals").fetchone())
+        return TotalsAudit(tuple(wrong), total != want)
+
+    def over_quota(self, user_cap: int) -> list[tuple[str, int]]:
+        return self._conn.execute("SELECT user_id, bytes FROM usage WHERE bytes > ? ORDER BY user_id",
+                                  (user_cap,)).fetchall()
+
+    def history(self, user_id: str | None = None, since: float | None = None,
+                limit: int | None = None) -> list[tuple]:
+        sql, args = f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history WHERE 1 = 1", []
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            args.append(user_id)
+        if since is not None:
+            sql += " AND at >= ?"
+            args.append(since)
+        sql += " ORDER BY at DESC, id DESC"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return self._conn.execute(sql, args).fetchall()
+
+
+def _matching(ids: Sequence[int] | None, created_before: float | None, user_id: str | None) -> tuple[str, list]:
+    where, args = ["1 = 1"], []
+    if ids is not None:
+        where.append(f"id IN ({','.join('?' * len(ids))})")
+        args += list(ids)
+    if created_before is not None:
+        where.append("created_at <= ?")
+        args.append(created_before)
+    if user_id is not None:
+        where.append("user_id = ?")
+        args.append(user_id)
+    return " AND ".join(where), args
+
+
+class _Writer(_Reader, LedgerWriter):
+    """Domain writes, inside a ``BEGIN IMMEDIATE`` transaction."""
+
+    def next_image_id(self) -> int:
+        # The write lock is ours, so the next AUTOINCREMENT value is ours too.
+        return self._conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM sqlite_sequence WHERE name = 'images'").fetchone()[0]
+
+    def insert_image(self, row: ImageRow) -> int:
+        return self._conn.execute(
+            "INSERT INTO images (id, user_id, key, size, format, created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.user_id, row.key, row.size, row.format, row.created_at, row.meta)).lastrowid
+
+    def insert_images(self, rows: Iterable[ImageRow]) -> None:
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO images (id, user_id, key, size, format, created_at, meta) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ((r.id, r.user_id, r.key, r.size, r.format, r.created_at, r.meta) for r in rows))
+
+    def resize_image(self, image_id: int, size: int) -> None:
+        self._conn.execute("UPDATE images SET size = ? WHERE id = ?", (size, image_id))
+
+    def remove_image(self, image_id: int) -> None:
+        self._conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    def begin_delete(self, *, ids: Sequence[int] | None = None, created_before: float | None = None,
+                     user_id: str | None = None, limit: int) -> list[ImageRow]:
+        where, args = _matching(ids, created_before, user_id)
+        conn = self._conn
+        # Copied and deleted in SQL, without a round trip through Python per row.
+        conn.execute(
+            "INSERT INTO deleting (id, user_id, key, size, format, created_at, meta, since) "
+            f"SELECT id, user_id, key, size, format, created_at, meta, ? FROM images WHERE {where} "
+            "ORDER BY created_at, id LIMIT ?", [time.time(), *args, limit])
+        conn.execute("UPDATE bulk_delete SET active = 1")  # the per-row trigger would uncount them now
+        # Rows already in `deleting` (an interrupted run's, a delete in flight) are no longer
+        # in `images`: this removes exactly the rows just copied.
+        rows = conn.execute(f"DELETE FROM images WHERE id IN (SELECT id FROM deleting) RETURNING {_IMAGE}").fetchall()
+        conn.execute("UPDATE bulk_delete SET active = 0")
+        rows.sort(key=lambda r: (r[5], r[0]))
+        return [ImageRow(*r) for r in rows]
+
+    def end_delete(self, gone: Sequence[ImageRow], kept: Sequence[ImageRow]) -> None:
+        conn = self._conn
+        rows = {r.id: r for r in [*gone, *kept]}
+        settled: dict[int, ImageRow] = {}
+        ids = list(rows)
+        for i in range(0, len(ids), 500):  # well under SQLite's limit on bound parameters
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for (image_id,) in conn.execute(f"DELETE FROM deleting WHERE id IN ({marks}) RETURNING id", chunk):
+                settled[image_id] = rows[image_id]
+        per_user: dict[str, list[int]] = {}
+        for row in settled.values():
+            totals = per_user.setdefault(row.user_id, [0, 0])
+            totals[0] += row.size
+            totals[1] += 1
+        conn.executemany("UPDATE usage SET bytes = bytes - ?, files = files - ? WHERE user_id = ?",
+                         [(b, f, u) for u, (b, f) in per_user.items()])
+        conn.execute("UPDATE totals SET bytes = bytes - ?, files = files - ?",
+                     (sum(b for b, _ in per_user.values()), len(settled)))
+        # Back in `images`, whose insert trigger counts them again. AUTOINCREMENT never
+        # hands out an id twice, so the old id is still free.
+        back = [settled[r.id] for r in kept if r.id in settled]
+        conn.executemany(
+            "INSERT INTO images (id, user_id, key, size, format, created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.id, r.user_id, r.key, r.size, r.format, r.created_at, r.meta) for r in back])
+
+    def reserve(self, user_id: str, day: str, nbytes: int, count: int, pid: int, host: str,
+                now: float) -> list[int]:
+        return [self._conn.execute(
+            "INSERT INTO reservations (user_id, day, bytes, pid, host, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (user_id, day, nbytes, pid, host, now)).lastrowid for _ in range(count)]
+
+    def release(self, reservation_id: int) -> bool:
+        return self._conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,)).rowcount > 0
+
+    def release_many(self, reservation_ids: Sequence[int]) -> None:
+        self._conn.executemany("DELETE FROM reservations WHERE id = ?", [(i,) for i in reservation_ids])
+
+    def count_generation(self, user_id: str, day: str) -> None:
+        self._conn.execute("INSERT INTO daily (user_id, day, used) VALUES (?, ?, 1) "
+                           "ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1", (user_id, day))
+
+    def repair_totals(self) -> None:
+        truth, held = self._truth()
+        self._conn.execute("DELETE FROM usage")
+        self._conn.executemany(
+            "INSERT INTO usage (user_id, bytes, files, reserved) VALUES (?, ?, ?, ?)",
+            [(u, *truth.get(u, (0, 0)), held.get(u, 0)) for u in set(truth) | set(held)])
+        self._conn.execute("UPDATE totals SET bytes = ?, files = ?, reserved = ?",
+                           (sum(b for b, _ in truth.values()), sum(f for _, f in truth.values()),
+                            sum(held.values())))
+
+    def append_history(self, records: Sequence[tuple]) -> None:
+        columns = HISTORY_COLUMNS[1:]
+        self._conn.executemany(
+            f"INSERT INTO history ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", records)
+
+    # --- SQLite-only: the rebuild of a lost ledger ---------------------------------------
+    def recount_daily_from_images(self, day: str, since: float) -> None:
+        """The daily counters went with a lost ledger: count today's images instead, which
+        counts imports as generations too: a user may be refused early, never allowed more."""
+        self._conn.execute(
+            "INSERT INTO daily (user_id, day, used) SELECT user_id, ?, COUNT(*) FROM images "
+            "WHERE created_at >= ? GROUP BY user_id "
+            "ON CONFLICT (user_id, day) DO UPDATE SET used = MAX(used, excluded.used)", (day, since))
+        self._conn.execute("DELETE FROM state WHERE key = 'rebuild'")
+
+
+class SqliteLedger(Ledger):
     """One connection per process, shared by threads under a lock.
 
     The connection is opened lazily so that building a StorageManager costs
@@ -207,16 +535,23 @@ class Ledger:
     is ever served from an empty ledger.
     """
 
+    name = "sqlite"
+
     def __init__(self, state_dir: Path, busy_timeout: float = 60.0, *,
                  disk_has_images: Callable[[], bool] | None = None, rebuild: Callable[[], None] | None = None):
-        self.path = state_dir / "ledger.sqlite3"
+        self.path = Path(state_dir) / "ledger.sqlite3"
+        self.store_root = self.path.parent.parent
         self._busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
         self._disk_has_images = disk_has_images
         self._rebuild = rebuild
+        self._maintenance = None  # the maintenance FileLock, made on first use
         self.read_only = False
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file the connection has open
+
+    def describe(self) -> str:
+        return str(self.path)
 
     def _writable(self) -> bool:
         folder = self.path.parent
@@ -234,7 +569,7 @@ class Ledger:
         try:
             if not self._writable():
                 if not self.path.exists():
-                    raise ReadOnlyStore(f"the store {self.path.parent.parent} has no ledger yet, and this user "
+                    raise ReadOnlyStore(f"the store {self.store_root} has no ledger yet, and this user "
                                         "cannot create one; run abby once as the store's owner")
                 conn = connect_read_only(self.path)
                 if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
@@ -293,74 +628,18 @@ class Ledger:
         return self._conn
 
     def needs_rebuild(self) -> bool:
+        """Whether this ledger was made next to existing images and not yet rebuilt (SQLite-only)."""
         try:
             return self._conn.execute("SELECT 1 FROM state WHERE key = 'rebuild'").fetchone() is not None
         except sqlite3.Error as exc:
             raise convert_error(exc, self.path) from exc
 
     def open(self) -> None:
-        """Connect now (and rebuild a lost ledger now) rather than on first use."""
         with self._lock:
             self._connection()
 
-    @staticmethod
-    def begin_delete(conn: sqlite3.Connection, where: str, args: list, limit: int) -> list[tuple]:
-        """Move up to ``limit`` image rows matching ``where`` (oldest first) to ``deleting``,
-        inside the caller's write transaction. The usage totals still count them.
-
-        Returns whole rows (id, user_id, rel_path, size, format, created_at, meta), oldest
-        first; once their files are dealt with, ``end_delete`` settles them.
-        """
-        import time
-
-        # Copied and deleted in SQL, without a round trip through Python per row.
-        conn.execute(
-            "INSERT INTO deleting (id, user_id, rel_path, size, format, created_at, meta, since) "
-            f"SELECT id, user_id, rel_path, size, format, created_at, meta, ? FROM images WHERE {where} "
-            "ORDER BY created_at, id LIMIT ?", [time.time(), *args, limit])
-        conn.execute("UPDATE bulk_delete SET active = 1")  # the per-row trigger would uncount them now
-        # Rows already in `deleting` (an interrupted run's, a delete in flight) are no longer
-        # in `images`: this removes exactly the rows just copied.
-        rows = conn.execute("DELETE FROM images WHERE id IN (SELECT id FROM deleting) "
-                            "RETURNING id, user_id, rel_path, size, format, created_at, meta").fetchall()
-        conn.execute("UPDATE bulk_delete SET active = 0")
-        rows.sort(key=lambda r: (r[5], r[0]))
-        return rows
-
-    @staticmethod
-    def end_delete(conn: sqlite3.Connection, gone: list[tuple], kept: list[tuple]) -> None:
-        """Settle rows from ``begin_delete``: those whose file is ``gone`` leave the totals;
-        ``kept`` ones (the file could not be removed) go back to ``images``.
-
-        Only rows still in ``deleting`` are settled, so settling twice (a crashed run's
-        rows finished by two runs) never uncounts anything twice.
-        """
-        rows = {r[0]: r for r in [*gone, *kept]}
-        settled: dict[int, tuple] = {}
-        ids = list(rows)
-        for i in range(0, len(ids), 500):  # well under SQLite's limit on bound parameters
-            chunk = ids[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            for (image_id,) in conn.execute(f"DELETE FROM deleting WHERE id IN ({marks}) RETURNING id", chunk):
-                settled[image_id] = rows[image_id]
-        per_user: dict[str, list[int]] = {}
-        for _id, user, _rel, size, *_ in settled.values():
-            totals = per_user.setdefault(user, [0, 0])
-            totals[0] += size
-            totals[1] += 1
-        conn.executemany("UPDATE usage SET bytes = bytes - ?, files = files - ? WHERE user_id = ?",
-                         [(b, f, u) for u, (b, f) in per_user.items()])
-        conn.execute("UPDATE totals SET bytes = bytes - ?, files = files - ?",
-                     (sum(b for b, _ in per_user.values()), len(settled)))
-        # Back in `images`, whose insert trigger counts them again. AUTOINCREMENT never
-        # hands out an id twice, so the old id is still free.
-        conn.executemany(
-            "INSERT INTO images (id, user_id, rel_path, size, format, created_at, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [settled[r[0]] for r in kept if r[0] in settled],
-        )
-
     def _initialise(self, conn: sqlite3.Connection, fresh: bool) -> None:
-        """Switch to WAL and create the schema, one process at a time.
+        """Switch to WAL and migrate the schema, one process at a time.
 
         Several processes may open a new root at the same moment, and SQLite
         answers a concurrent journal-mode switch with "database is locked"
@@ -370,21 +649,16 @@ class Ledger:
 
         with FileLock(self.path.with_name("ledger.init.lock"), timeout=self._busy_timeout):
             conn.execute("PRAGMA journal_mode=WAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version < SCHEMA_VERSION:
-                lost = fresh and version == 0 and self._disk_has_images is not None and self._disk_has_images()
-                flag = "INSERT OR REPLACE INTO state VALUES ('rebuild', 'ledger lost');" if lost else ""
-                # IF NOT EXISTS throughout, so a half-made schema is completed safely.
-                conn.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA} {flag} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                migrate(conn, lost=(lambda: fresh and self._disk_has_images is not None and self._disk_has_images()))
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> Iterator[_Writer]:
         """A write transaction holding the database's write lock from the start."""
         with self._lock:
             conn = self._connection()
             if self.read_only:
-                raise ReadOnlyStore(f"the store {self.path.parent.parent} is read-only for this user; "
+                raise ReadOnlyStore(f"the store {self.store_root} is read-only for this user; "
                                     "this needs write access: run it as the store's owner")
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -396,7 +670,7 @@ class Ledger:
             except sqlite3.Error as exc:
                 raise convert_error(exc, self.path) from exc
             try:
-                yield conn
+                yield _Writer(conn)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback(conn)
@@ -412,18 +686,52 @@ class Ledger:
             conn.execute("ROLLBACK")
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[_Reader]:
         """A read transaction: one consistent snapshot, never blocks writers."""
         with self._lock:
             conn = self._connection()
             try:
                 conn.execute("BEGIN")
                 try:
-                    yield conn
+                    yield _Reader(conn)
                 finally:
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise convert_error(exc, self.path) from exc
+
+    @contextmanager
+    def maintenance_lock(self, timeout: float, writes: bool = True) -> Iterator[None]:
+        """A lock file next to the ledger (re-entrant in this process).
+
+        A run that only reads (a dry run, check without --fix) on a store this user
+        cannot write goes on without the lock: it changes nothing it could race with.
+        """
+        from filelock import FileLock, Timeout
+
+        state = self.path.parent
+        if state.is_dir() and not os.access(state, os.W_OK):
+            if writes:
+                raise ReadOnlyStore(f"the store {self.store_root} is read-only for this user; this needs write "
+                                    "access: run it as the store's owner")
+            yield
+            return
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {state}: {exc.strerror or exc}") from exc
+        if self._maintenance is None:
+            self._maintenance = FileLock(state / "maintenance.lock")
+        try:
+            self._maintenance.acquire(timeout=timeout)
+        except Timeout:
+            raise Busy(f"another abby cleanup or check is running on {self.store_root}; "
+                       f"waited {timeout:g} s, giving up") from None
+        except OSError as exc:
+            raise StorageError(f"cannot take the lock in {state}: {exc.strerror or exc}") from exc
+        try:
+            yield
+        finally:
+            self._maintenance.release()
 
     def close(self) -> None:
         with self._lock:
