@@ -609,9 +609,11 @@ class PostgresLedger(Ledger):
                 broken = conn.broken
                 self._put_back(pool, conn)
                 # A pooled connection that died while idle (a server restart): nothing ran
-                # yet, so starting again on a fresh one is safe. Once only.
+                # yet, so starting again is safe, once, after the pool has replaced every
+                # dead connection it holds.
                 if not broken or attempt == 2:
                     raise self._error(exc) from exc
+                pool.check()
         try:
             yield conn
             conn.execute("COMMIT")
