@@ -348,6 +348,8 @@ def test_describe_and_errors_never_show_the_password(pg_url):
     with pytest.raises(ConfigError) as err:
         PostgresLedger("postgresql://abby:s3cretpw@127.0.0.1:notaport/db?bogus=1")
     assert "s3cretpw" not in str(err.value)
+    with pytest.raises(ConfigError, match="schema"):
+        PostgresLedger(pg_url, schema="Mixed; DROP")
 
 
 def test_a_user_who_may_only_read(pg_url, schema, ledger):

@@ -31,6 +31,7 @@ do not wait for each other.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import zlib
@@ -492,6 +493,9 @@ class PostgresLedger(Ledger):
             # libpq's message may quote the URL, password included: say it without.
             raise ConfigError("storage.ledger_url is not a valid PostgreSQL URL; expected "
                               "postgresql://user:password@host:port/database") from None
+        if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+            # Unquoted in search_path, so only names PostgreSQL keeps as written.
+            raise ConfigError(f"the ledger schema must be lower-case letters, digits and '_', got {schema!r}")
         self._secret = params.get("password") or None
         host = params.get("host") or params.get("hostaddr") or "localhost"
         self._where = f"postgresql://{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
