@@ -573,6 +573,7 @@ class SqliteLedger(Ledger):
                                         "cannot create one; run abby once as the store's owner")
                 conn = connect_read_only(self.path)
                 if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    conn.close()
                     raise ReadOnlyStore(f"the ledger {self.path} needs an upgrade, and this user cannot write it; "
                                         "run abby once as the store's owner")
                 self.read_only = True
@@ -584,6 +585,19 @@ class SqliteLedger(Ledger):
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
+        except sqlite3.Error as exc:
+            raise convert_error(exc, self.path) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open the ledger {self.path}: {exc.strerror or exc}") from exc
+        try:
+            self._set_up(conn, fresh)
+        except BaseException:
+            conn.close()  # Windows keeps a file open by a leaked connection from being replaced
+            raise
+        return conn
+
+    def _set_up(self, conn: sqlite3.Connection, fresh: bool) -> None:
+        try:
             conn.execute("PRAGMA synchronous=NORMAL")
             # A store of 200,000 images has a ledger of ~50 MB. The default 2 MB page cache
             # makes a bulk cleanup re-read index pages thousands of times; these are upper
@@ -602,7 +616,6 @@ class SqliteLedger(Ledger):
             raise convert_error(exc, self.path) from exc
         except OSError as exc:
             raise StorageError(f"cannot open the ledger {self.path}: {exc.strerror or exc}") from exc
-        return conn
 
     def _connection(self) -> sqlite3.Connection:
         """The open connection; on first use, rebuild a lost ledger before anything reads it."""
