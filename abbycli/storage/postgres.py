@@ -31,6 +31,7 @@ do not wait for each other.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -50,6 +51,11 @@ try:
     from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError:  # the extra is not installed: PostgresLedger() says so
     psycopg = None
+else:
+    # The pool reconnects in the background and logs each failure (several lines each).
+    # Without this, Python's last-resort handler would print them under a CLI command;
+    # an application that configures logging (the bot) still receives them.
+    logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 
 # --- migrations ---------------------------------------------------------------------
 
@@ -605,6 +611,8 @@ class PostgresLedger(Ledger):
             try:
                 conn = pool.getconn()
             except PoolTimeout as exc:
+                # The pool only says it waited; one direct attempt says why (refused, bad password).
+                self._connect().close()
                 raise self._error(exc) from exc
             try:
                 conn.execute(begin)
