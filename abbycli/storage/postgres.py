@@ -504,7 +504,8 @@ class PostgresLedger(Ledger):
             raise ConfigError(f"the ledger schema must be lower-case letters, digits and '_', got {schema!r}")
         self._secret = params.get("password") or None
         host = params.get("host") or params.get("hostaddr") or "localhost"
-        self._where = f"postgresql://{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
+        database = params.get("dbname") or params.get("user") or ""
+        self._where = f"postgresql://{host}:{params.get('port') or 5432}/{database}"
         options = params.get("options") or ""
         if schema is not None:
             options += f" -c search_path={schema}"
@@ -520,7 +521,7 @@ class PostgresLedger(Ledger):
         self._schema: str | None = None
         self._begin_write = ""
         self._opening = threading.Lock()
-        self._held = threading.local()  # this thread's maintenance lock: its connection and depth
+        self._held = threading.local()  # how deep this thread is in maintenance_lock()
         self.read_only = False
 
     def describe(self) -> str:
