@@ -117,6 +117,28 @@ def api_key(value: Any) -> str:
     return clean_api_key(value)  # its messages never contain the key
 
 
+def _ledger_url(value: Any) -> str:
+    value = non_empty(value)
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a postgresql://user:password@host:port/database URL "
+                         "(leave it unset for the SQLite ledger under storage.root)")
+    return value
+
+
+def _blobs_url(value: Any) -> str:
+    value = non_empty(value)
+    if not value.startswith("s3://"):
+        raise ValueError("must be an s3://bucket/prefix URL (leave it unset for the folder under storage.root)")
+    return value
+
+
+def masked_url(value: Any) -> Any:
+    """A URL with its password masked: postgresql://abby:********@db:5432/abby."""
+    import re
+
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", value) if isinstance(value, str) else value
+
+
 def _provider(value: Any) -> str:
     from .generation.provider import load
 
@@ -138,6 +160,7 @@ class Key:
     secret: bool = False
     from_text: Callable[[str], Any] | None = None  # how to read env vars and `config set`
     path: bool = False  # a file path: relative to the config file's folder when set there
+    show: Callable[[Any], Any] | None = None  # how `config show` displays it (a URL's password masked)
 
     @property
     def section(self) -> str:
@@ -187,6 +210,26 @@ KEYS: dict[str, Key] = {
             from_text=number_text),
         Key("storage.daily_reset_timezone", _timezone, "UTC",
             "IANA time zone whose midnight starts a new daily allowance."),
+        Key("storage.ledger_url", _ledger_url, None,
+            "Keep the ledger in PostgreSQL, shared by every host: postgresql://user:password@host:5432/db\n"
+            "(needs `pip install 'abbycli[postgres]'`). Default: the SQLite file under storage.root.",
+            env="ABBY_LEDGER_URL", show=masked_url),
+        Key("storage.blobs_url", _blobs_url, None,
+            "Keep the images in an S3-compatible bucket: s3://bucket/prefix (needs\n"
+            "`pip install 'abbycli[s3]'`). Default: the images/ folder under storage.root.",
+            env="ABBY_BLOBS_URL"),
+        Key("storage.s3_endpoint", http_url, None,
+            "S3 endpoint URL (omit for AWS). AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL win over it."),
+        Key("storage.s3_region", non_empty, None, "S3 region. AWS_REGION or AWS_DEFAULT_REGION win over it.\n"
+            "Default: us-east-1."),
+        Key("storage.s3_access_key_id", non_empty, None, "S3 access key id. AWS_ACCESS_KEY_ID wins over it."),
+        Key("storage.s3_secret_access_key", non_empty, None,
+            "S3 secret key. Prefer AWS_SECRET_ACCESS_KEY, which wins over it.", secret=True),
+        Key("storage.s3_session_token", non_empty, None,
+            "S3 session token (temporary credentials). AWS_SESSION_TOKEN wins over it.", secret=True),
+        Key("storage.url_lifetime", Bounded(1, 604_800, "seconds (7 days)", whole=True), 3600,
+            "How long a URL printed by `abby list --url` / `abby info --url` stays valid (S3 only).",
+            from_text=number_text),
         Key("generation.provider", _provider, "stability",
             "Default image provider: stability, openai, automatic1111, comfyui, local, or an installed\n"
             "plugin's name (`abby providers` lists them). Each one's settings are in [providers.<name>].",
@@ -258,6 +301,14 @@ class StorageSettings:
     cleanup_days: float = 7
     image_generation_size_mb: float = 1.5
     daily_reset_timezone: str = "UTC"
+    ledger_url: str | None = field(default=None, repr=False)  # may hold a password
+    blobs_url: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    s3_session_token: str | None = field(default=None, repr=False)
+    url_lifetime: int = 3600
 
 
 @dataclass(frozen=True)
@@ -541,6 +592,8 @@ def display_value(settings: Settings, name: str) -> Any:
     value = settings.value(name)
     if KEYS[name].secret:
         return None if value is None else "********"
+    if KEYS[name].show is not None:
+        return KEYS[name].show(value)
     if isinstance(value, Path):
         return str(value)
     return value
@@ -572,6 +625,9 @@ def render_template(values: Mapping[str, Any] | None = None) -> str:
                 lines.append(tomli_w.dumps({key.short: values[key.name]}).strip())
             elif key.default is None:
                 example = {"storage.root": "/srv/abby/shared", "cli.default_user": "alice",
+                           "storage.ledger_url": "postgresql://abby:PASSWORD@db.example:5432/abby",
+                           "storage.blobs_url": "s3://my-bucket/abby",
+                           "storage.s3_endpoint": "https://s3.example.com", "storage.s3_region": "eu-west-3",
                            "cli.log_file": "/var/log/abby/abby.log",
                            "generation.upscale_mode": "local"}.get(key.name, "")
                 lines.append(f'# {key.short} = "{example}"')

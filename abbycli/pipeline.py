@@ -43,9 +43,10 @@ class ImageOutcome:
     error: AbbyError | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": str(self.stored.path) if self.stored else None}
+        out: dict[str, Any] = {"path": str(self.stored.path) if self.stored and self.stored.path else None}
         if self.stored:
-            out |= {"id": self.stored.id, "bytes": self.stored.size, "format": self.stored.format}
+            out |= {"id": self.stored.id, "key": self.stored.key, "bytes": self.stored.size,
+                    "format": self.stored.format}
         if self.image:
             out |= {"seed": self.image.seed, "finish_reason": self.image.finish_reason, "model": self.image.model,
                     "notes": self.image.notes}

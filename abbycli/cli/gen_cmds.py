@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import InvalidInput, NotFound
+from ..errors import AbbyError, InvalidInput, NotFound
 from ..storage.quota import human_size, mib
 from . import output
 from .app import report_interrupt, state
@@ -104,7 +104,7 @@ def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_j
             interrupted = True
             result = GenerationResult(req, outcomes)
     _late_interrupts_exit_130()
-    copies, copy_errors = _copy_out(result, out) if out else ({}, {})
+    copies, copy_errors = _copy_out(storage, result, out) if out else ({}, {})
     if as_json:
         images = [o.to_dict() | ({"out": str(copies[i])} if i in copies else {})
                   | ({"out_error": copy_errors[i]} if i in copy_errors else {})
@@ -117,7 +117,7 @@ def _run(ctx: typer.Context, req, user: Optional[str], out: Optional[Path], as_j
                 output.note(note)
             if o.stored:
                 seed = f", seed {o.image.seed}" if o.image and o.image.seed is not None else ""
-                output.info(f"stored {o.stored.path} (id {o.stored.id}, {human_size(o.stored.size)}{seed})")
+                output.info(f"stored {storage.where(o.stored)} (id {o.stored.id}, {human_size(o.stored.size)}{seed})")
             if i in copies:
                 output.info(f"copied to {copies[i]}")
             if o.error:
@@ -245,7 +245,7 @@ def _check_out(out: Path) -> None:
         raise InvalidInput(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
 
-def _copy_out(result, out: Path) -> tuple[dict[int, Path], dict[int, str]]:
+def _copy_out(storage, result, out: Path) -> tuple[dict[int, Path], dict[int, str]]:
     """Copy each stored image (or an image that could not be stored: it was paid for) to --out.
     Returns the copies made and, for the images that could not be copied, why."""
     copies: dict[int, Path] = {}
@@ -254,7 +254,7 @@ def _copy_out(result, out: Path) -> tuple[dict[int, Path], dict[int, str]]:
     for n, (i, o) in enumerate(done, start=1):
         ext = "." + (o.stored.format if o.stored else o.image.format).replace("jpeg", "jpg")
         if out.is_dir() or not out.suffix:  # a folder (existing, or a name without an extension)
-            target = out / (o.stored.path.name if o.stored else f"abby-{n}{ext}")
+            target = out / (o.stored.key.rpartition("/")[2] if o.stored else f"abby-{n}{ext}")
         else:
             stem = out.with_suffix("") if out.suffix else out
             target = stem.with_name(stem.name + (f"-{n}" if len(done) > 1 else "")).with_suffix(ext)
@@ -263,7 +263,8 @@ def _copy_out(result, out: Path) -> tuple[dict[int, Path], dict[int, str]]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             if o.stored:
-                shutil.copyfile(o.stored.path, target)
+                with storage.open_image(o.stored) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
             else:
                 target.write_bytes(o.image.data)
         except OSError as exc:
@@ -359,34 +360,44 @@ def upscale_cmd(
 
 def info_cmd(
     ctx: typer.Context,
-    target: str = typer.Argument(..., help="A stored image's id or path, or any image file.", show_default=False),
+    target: str = typer.Argument(..., help="A stored image's id, key or path, or any image file.",
+                                 show_default=False),
+    url: bool = typer.Option(False, "--url", help="Also show a time-limited URL to the image (S3 stores; "
+                             "lifetime: storage.url_lifetime)."),
     as_json: bool = JSON,
 ) -> None:
     """Show the generation parameters stored with an image."""
     from ..generation.imaging import read_metadata
+    from .storage_cmds import _url
 
+    st = state(ctx)
     data: dict[str, Any] = {}
-    path: Optional[Path] = None
     try:
-        stored = state(ctx).storage().get_image(target)
-        data = stored.to_dict()
-        path = stored.path
+        storage = st.storage()
+        stored = storage.get_image(target)
     except NotFound:
         path = Path(target)
         if not path.is_file():
             raise NotFound(f"{target!r} is neither a stored image nor a file") from None
+        if url:
+            raise InvalidInput(f"--url needs a stored image; {target} is a file outside the store")
         data = {"path": str(path), "size": path.stat().st_size}
+        source, opener = str(path), lambda: open(path, "rb")
+    else:
+        data = stored.to_dict() | ({"url": _url(storage, st, stored)} if url else {})
+        source, opener = storage.where(stored), lambda: storage.open_image(stored)
     try:
-        with open(path, "rb") as fh:
+        with opener() as fh:
             data["embedded"] = read_metadata(fh.read())
-    except OSError as exc:
+    except (OSError, AbbyError) as exc:
         data["embedded"] = None
-        output.warn(f"cannot read {path}: {exc.strerror or exc}")
+        output.warn(f"cannot read {source}: {getattr(exc, 'strerror', None) or exc}")
     if as_json:
         output.print_json(data)
         return
     meta = data.get("metadata") or data.get("embedded") or {}
-    rows = [(k, data[k]) for k in ("id", "user_id", "path", "size", "format", "created_at") if k in data]
+    rows = [(k, data[k]) for k in ("id", "user_id", "path", "key", "size", "format", "created_at", "url")
+            if data.get(k) is not None]
     shown = {k for k, _ in rows}
     rows += [(k, v) for k, v in meta.items() if k not in shown]  # the ledger's created_at wins
     for key, value in rows:
@@ -426,7 +437,6 @@ def providers_cmd(
     as_json: bool = JSON,
 ) -> None:
     """List the installed providers: operations, default models, whether configured."""
-    from ..errors import AbbyError
     from ..generation import provider as registry
     from ..generation.generator import ImageGenerator
 

@@ -92,26 +92,47 @@ def _nagios(status: str, summary: str, data: dict) -> None:
         perf += f" user={u['used_bytes']}B;{int(u['limit_bytes'] * 0.8)};{u['limit_bytes']};0;{u['limit_bytes']}"
     typer.echo(f"ABBY QUOTA {status} - {summary} | {perf}")
 
+URL = typer.Option(False, "--url", help="Show a time-limited URL to each image (S3 stores; lifetime: "
+                   "storage.url_lifetime).")
+
+
+def _url(storage, st, image) -> str:
+    """A presigned URL, or a clear refusal on a store without URLs."""
+    from ..errors import InvalidInput
+
+    link = storage.image_url(image, st.settings().storage.url_lifetime)
+    if link is None:
+        raise InvalidInput(f"--url needs an S3 image store (storage.blobs_url); the images of "
+                           f"{storage.blobs.describe()} are plain files")
+    return link
+
+
 
 def list_images(
     ctx: typer.Context,
     user: Optional[str] = typer.Option(None, "--user", "-u", help="Only this user's images (default: everyone's).",
                                        show_default=False),
     limit: int = typer.Option(0, "--limit", "-n", min=0, max=MAX_COUNT, help="Show at most N images (0 = all)."),
+    url: bool = URL,
     as_json: bool = JSON,
 ) -> None:
     """List stored images, newest first."""
-    images = state(ctx).storage().list_images(user, limit or None)
+    st = state(ctx)
+    storage = st.storage()
+    images = storage.list_images(user, limit or None)
+    urls = [_url(storage, st, i) for i in images] if url else []
     if as_json:
-        output.print_json([i.to_dict() for i in images])
+        output.print_json([i.to_dict() | ({"url": urls[n]} if url else {}) for n, i in enumerate(images)])
         return
     if not images:
         output.info("No images stored" + (f" for {user}." if user else "."))
         return
     output.table(
-        ["ID", "User", "Created", "Size", "Path"],
-        [[i.id, i.user_id, output.local_time(i.created_at), human_size(i.size), str(i.path)] for i in images],
+        ["ID", "User", "Created", "Size", "URL" if url else "Path"],
+        [[i.id, i.user_id, output.local_time(i.created_at), human_size(i.size), urls[n] if url else storage.where(i)]
+         for n, i in enumerate(images)],
     )
+
 
 
 def save(
@@ -147,7 +168,8 @@ def save(
                 continue
             stored.append(image.to_dict())
             if not as_json:
-                output.info(f"stored {output.printable(str(image.path))} (id {image.id}, {human_size(image.size)})")
+                output.info(f"stored {output.printable(storage.where(image))} (id {image.id}, "
+                            f"{human_size(image.size)})")
     except KeyboardInterrupt:
         # What was stored stays stored: say so, in the JSON too, then exit 130 as usual.
         if as_json:
@@ -177,7 +199,7 @@ def delete(
             continue
         deleted.append(image.to_dict())
         if not as_json:
-            output.info(f"deleted {image.id} ({image.user_id}, {human_size(image.size)}) {image.path}")
+            output.info(f"deleted {image.id} ({image.user_id}, {human_size(image.size)}) {storage.where(image)}")
     if as_json:
         output.print_json({"deleted": deleted, "failed": failed})
     if code:

@@ -150,6 +150,7 @@ class StorageManager:
         return cls(
             s.root, s.max_global_storage_mb, s.max_user_storage_mb, s.max_user_daily_gens, s.cleanup_days,
             image_generation_size_mb=s.image_generation_size_mb, daily_reset_timezone=s.daily_reset_timezone,
+            ledger=_ledger_for(s), blobs=_blobs_for(s, getattr(settings, "env", None)),
         )
 
     @classmethod
@@ -329,6 +330,17 @@ class StorageManager:
         return keys
 
     @_boundary
+    @_boundary
+    def image_url(self, image: StoredImage, expires: float = 3600) -> str | None:
+        """A time-limited URL to the image where the store has them (S3: presigned); None elsewhere."""
+        return self.blobs.url(image.key, expires)
+
+    def where(self, image: StoredImage) -> str:
+        """How messages name a stored image: its file on the local store, else store + key."""
+        if image.path is not None:
+            return str(image.path)
+        return f"{self.blobs.describe().rstrip('/')}/{image.key}"
+
     def open_image(self, image: StoredImage) -> BinaryIO:
         """The image's bytes as a binary file object, on any store (``discord.File`` accepts it).
         Close it when done (``with storage.open_image(image) as fh: ...``)."""
@@ -403,3 +415,25 @@ class StorageManager:
         from . import reconcile
 
         reconcile.rebuild_lost_ledger(self.ledger, self.blobs, self.quota, LOCK_TIMEOUT_SECONDS)
+
+
+def _ledger_for(s) -> Ledger | None:
+    """The PostgreSQL ledger when ``storage.ledger_url`` names one; None: the SQLite file.
+    psycopg is imported only here, only then."""
+    url = getattr(s, "ledger_url", None)
+    if not url:
+        return None
+    from .postgres import PostgresLedger
+
+    return PostgresLedger(url)
+
+
+def _blobs_for(s, env) -> BlobStore | None:
+    """The S3 store when ``storage.blobs_url`` names one; None: the folder under the root."""
+    url = getattr(s, "blobs_url", None)
+    if not url:
+        return None
+    from .s3 import S3_SETTINGS, S3BlobStore, resolve_s3_options
+
+    values = {name: getattr(s, name.split(".", 1)[1], None) for name in S3_SETTINGS}
+    return S3BlobStore.from_url(url, resolve_s3_options(values, env))
