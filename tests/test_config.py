@@ -146,7 +146,7 @@ def test_config_show_masks_the_key_and_reports_sources(tmp_path):
     result = run_abby("--config", str(cfg), "config", "show", "--json",
                       env={"STABILITY_API_KEY": "sk-env-secret-456", "MAX_USER_DAILY_GENS": "4"})
     assert result.returncode == 0, result.stderr
-    assert "secret" not in result.stdout
+    assert "sk-file-secret-123" not in result.stdout and "sk-env-secret-456" not in result.stdout
     rows = {r["key"]: r for r in json.loads(result.stdout)["settings"]}
     assert rows["generation.api_key"] == {"key": "generation.api_key", "value": "********", "source": "env"}
     assert rows["storage.cleanup_days"]["source"] == "file" and rows["storage.cleanup_days"]["value"] == 2
@@ -156,7 +156,7 @@ def test_config_show_masks_the_key_and_reports_sources(tmp_path):
     rows = {r["key"]: r for r in json.loads(root_flag.stdout)["settings"]}
     assert rows["storage.root"] == {"key": "storage.root", "value": str(tmp_path / "r"), "source": "flag"}
     plain = run_abby("--config", str(cfg), "config", "show")
-    assert "secret" not in plain.stdout and "********" in plain.stdout
+    assert "sk-file-secret-123" not in plain.stdout and "sk-env-secret-456" not in plain.stdout and "********" in plain.stdout
 
 
 def test_config_init_never_overwrites_silently(isolated_dirs):
@@ -381,3 +381,26 @@ def test_config_set_on_a_file_held_open_for_good_is_one_clear_error(tmp_path, mo
                               "close it and try again)")
     assert cfg.read_text() == "[storage]\ncleanup_days = 2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["abby.toml"]  # the temporary file is gone
+
+
+def test_config_show_masks_the_ledger_password_and_the_s3_secret(tmp_path):
+    cfg = write_config(tmp_path / "abby.toml", '[storage]\nledger_url = "postgresql://abby:pg-pass-77@db:5432/abby"\n'
+                                               'blobs_url = "s3://bucket/p"\ns3_secret_access_key = "s3-secret-88"\n')
+    result = run_abby("--config", str(cfg), "config", "show", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["key"]: r["value"] for r in json.loads(result.stdout)["settings"]}
+    assert rows["storage.ledger_url"] == "postgresql://abby:********@db:5432/abby"
+    assert rows["storage.s3_secret_access_key"] == "********"
+    assert "pg-pass-77" not in result.stdout and "s3-secret-88" not in result.stdout
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("ledger_url", "mysql://x@y/z", "must be a postgresql://"),
+    ("blobs_url", "/srv/images", "must be an s3://bucket/prefix URL"),
+    ("url_lifetime", "999999999", "url_lifetime"),
+])
+def test_backend_settings_are_checked(tmp_path, key, value, message):
+    cfg = write_config(tmp_path / "abby.toml", f'[storage]\n{key} = "{value}"\n' if key != "url_lifetime"
+                       else f"[storage]\n{key} = {value}\n")
+    result = run_abby("--config", str(cfg), "quota")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
