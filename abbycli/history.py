@@ -76,7 +76,7 @@ def query(storage: StorageManager, user_id: str | None = None, since: float | No
 
 
 def stats(storage: StorageManager, days: int = 7, top: int = 10, now: float | None = None) -> dict[str, Any]:
-    """Per-day generations and bytes, outcomes, top users and daily-limit hits over ``days``
+    """Per-day generations and bytes, outcomes, providers, top users and daily-limit hits over ``days``
     calendar days (in daily_reset_timezone), today included."""
     from datetime import timedelta
 
@@ -87,19 +87,25 @@ def stats(storage: StorageManager, days: int = 7, top: int = 10, now: float | No
     start = datetime.combine(first, datetime.min.time(), tz).timestamp()
     with storage.ledger.read() as tx:
         records = tx.history(since=start)
-    at, user, outcome, nbytes, error_type = (COLUMNS.index(c) for c in ("at", "user_id", "outcome", "bytes",
-                                                                       "error_type"))
-    rows = [(r[at], r[user], r[outcome], r[nbytes], r[error_type]) for r in records]
+    at, user, outcome, nbytes, error_type, provider = (
+        COLUMNS.index(c) for c in ("at", "user_id", "outcome", "bytes", "error_type", "provider"))
+    rows = [(r[at], r[user], r[outcome], r[nbytes], r[error_type], r[provider]) for r in records]
     per_day = {(first + timedelta(days=i)).isoformat(): {"generations": 0, "bytes": 0, "attempts": 0}
                for i in range(days)}
     outcomes: Counter = Counter()
     users: dict[str, dict[str, int]] = defaultdict(lambda: {"generations": 0, "bytes": 0, "attempts": 0})
     limit_hits: Counter = Counter()
-    for at, user, outcome, nbytes, error_type in rows:
+    providers: dict[str, dict[str, int]] = defaultdict(lambda: {"generations": 0, "bytes": 0, "attempts": 0})
+    for at, user, outcome, nbytes, error_type, provider in rows:
         day = datetime.fromtimestamp(at, tz).date().isoformat()
         if day not in per_day:
             continue
         outcomes[outcome] += 1
+        by_provider = providers[provider or "unknown"]
+        by_provider["attempts"] += 1
+        if outcome == "success":
+            by_provider["generations"] += 1
+            by_provider["bytes"] += nbytes or 0
         per_day[day]["attempts"] += 1
         users[user]["attempts"] += 1
         if outcome == "success":
@@ -115,6 +121,8 @@ def stats(storage: StorageManager, days: int = 7, top: int = 10, now: float | No
         "per_day": [{"day": d, **v} for d, v in per_day.items()],
         "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
         "top_users": [{"user_id": u, **v} for u, v in ranked],
+        "providers": [{"provider": p, **v} for p, v in sorted(providers.items(), key=lambda kv: (-kv[1]["generations"],
+                                                                                                   kv[0]))],
         "daily_limit_hits": {"total": sum(limit_hits.values()),
                              "users": [{"user_id": u, "hits": n} for u, n in limit_hits.most_common(top)]},
     }

@@ -44,12 +44,19 @@ def test_stats_per_day_outcomes_top_users_and_limit_hits(sm):
     run_pipeline(sm, Recorder(ok_image), ImageRequest("text-to-image", prompt="b"), user="bob")
     with pytest.raises(DailyLimitReached):
         run_pipeline(sm, Recorder(ok_image), ImageRequest("text-to-image", prompt="c", count=3))
+    run_pipeline(sm, Recorder(ok_image), ImageRequest("upscale", image=make_png(1000), mode="local"), user="bob")
     data = stats(sm, days=3)
+    assert data["providers"] == [
+        {"provider": "stability", "generations": 3, "bytes": data["providers"][0]["bytes"], "attempts": 4},
+        {"provider": "local", "generations": 1, "bytes": data["providers"][1]["bytes"], "attempts": 1}]
+    data["per_day"][-1]["generations"] -= 1  # the local upscale, so the rest reads as before
+    data["per_day"][-1]["attempts"] -= 1
+    data["outcomes"]["success"] -= 1
     assert [d["day"] for d in data["per_day"]][-1] == sm.quota.today()
     today = data["per_day"][-1]
     assert today["generations"] == 3 and today["attempts"] == 4 and today["bytes"] > 0
     assert data["outcomes"]["success"] == 3 and data["outcomes"]["refused-limit"] == 1
-    assert [u["user_id"] for u in data["top_users"]] == ["alice", "bob"]
+    assert [u["user_id"] for u in data["top_users"]] == ["alice", "bob"]  # alice 2, bob 1 + 1
     assert data["daily_limit_hits"] == {"total": 1, "users": [{"user_id": "alice", "hits": 1}]}
     old = stats(sm, days=1, now=time.time() + 3 * 86400)
     assert old["outcomes"]["success"] == 0

@@ -66,7 +66,7 @@ def stats_cmd(
     top: int = typer.Option(10, "--top", min=1, max=MAX_COUNT, help="How many users to rank."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for dashboards."),
 ) -> None:
-    """Generations and bytes per day, outcomes, top users and daily-limit hits."""
+    """Generations and bytes per day, outcomes, providers, top users and daily-limit hits."""
     from .. import history
 
     data = history.stats(state(ctx).storage(), days, top)
@@ -79,6 +79,10 @@ def stats_cmd(
                  [[d["day"], d["generations"], output.bar(100 * d["generations"] / peak, 30),
                    human_size(d["bytes"]), d["attempts"]] for d in data["per_day"]])
     output.info("Outcomes: " + ", ".join(f"{k} {v}" for k, v in data["outcomes"].items()))
+    if data["providers"]:
+        output.table(["Provider", "Generations", "Bytes", "Attempts"],
+                     [[p["provider"], p["generations"], human_size(p["bytes"]), p["attempts"]]
+                      for p in data["providers"]], title="Providers")
     if data["top_users"]:
         output.table(["User", "Generations", "Bytes", "Attempts"],
                      [[u["user_id"], u["generations"], human_size(u["bytes"]), u["attempts"]]
