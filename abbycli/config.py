@@ -237,21 +237,19 @@ KEYS: dict[str, Key] = {
         # The Stability provider's settings from before there were providers: still read, so
         # existing files and STABILITY_* variables keep working ([providers.stability] wins).
         Key("generation.api_host", http_url, "https://api.stability.ai",
-            "Stability: base URL of the API (same as providers.stability.api_host).", env="STABILITY_API_HOST"),
+            "Stability's api_host, read when providers.stability.api_host is not set.", env="STABILITY_API_HOST"),
         Key("generation.api_key", api_key, None,
-            "Stability: API key. Prefer the STABILITY_API_KEY environment variable; if you set it here,\n"
-            "keep this file private (abby writes it with mode 0600).", env="STABILITY_API_KEY", secret=True),
-        Key("generation.model", non_empty, "core",
-            "Stability: default text-to-image model: core, ultra, sd3.5-large, sd3.5-large-turbo,\n"
-            "sd3.5-medium, sd3.5-flash, or a v1 engine id such as stable-diffusion-xl-1024-v1-0."),
-        Key("generation.img2img_model", non_empty, "sd3.5-large", "Stability: default image-to-image model."),
+            "Stability's api_key, read when providers.stability.api_key is not set. Prefer the\n"
+            "STABILITY_API_KEY environment variable (abby writes this file with mode 0600).",
+            env="STABILITY_API_KEY", secret=True),
+        Key("generation.model", non_empty, "core", "Stability's model, read when providers.stability.model is not set."),
+        Key("generation.img2img_model", non_empty, "sd3.5-large",
+            "Stability's img2img_model, read when providers.stability.img2img_model is not set."),
         Key("generation.upscale_mode", non_empty, None,
-            "Stability: default upscale mode: fast, conservative, creative, esrgan or local.\n"
-            "Default: fast when an API key is set, local (offline, free) when not."),
+            "Stability's upscale_mode, read when providers.stability.upscale_mode is not set."),
         Key("generation.upscale_timeout", Bounded(1, 1800, "seconds"), 600,
-            "Stability: seconds to wait for a creative upscale to finish. At most 30 minutes: the storage\n"
-            "reservation a request holds is reclaimed as abandoned after an hour, so a request\n"
-            "must always end well before that.", from_text=number_text),
+            "Stability's upscale_timeout, read when providers.stability.upscale_timeout is not set.",
+            from_text=number_text),
         Key("generation.max_megapixels", Bounded(0.01, 89, "megapixels"), 40,
             "Largest image, in megapixels (million pixels), that abby reads as an input or makes\n"
             "locally; larger ones are refused before any memory is spent on them. At most 89:\n"

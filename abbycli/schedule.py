@@ -120,6 +120,7 @@ def job_command(settings, environ: Mapping[str, str] | None = None) -> tuple[lis
     days = settings.storage.cleanup_days if carried("storage.cleanup_days") else None
     command = abby_command(settings.config_path, root, log_file, days)
 
+    _check_backends(settings)
     left_out = [name for name, source in sources.items() if source == "env"
                 and name not in ("storage.root", "storage.cleanup_days")]
     if left_out:
@@ -133,6 +134,29 @@ def job_command(settings, environ: Mapping[str, str] | None = None) -> tuple[lis
                               f"{'that setting' if len(left_out) == 1 else 'those settings'} in the config "
                               f"file instead (abby config set)") from None
     return command, [f"{KEYS[n].env} ({n})" for n in left_out]
+
+
+def _check_backends(settings) -> None:
+    """Refuse a job that would clean another store than this one, or fail every night: the
+    ledger and image store URLs and the S3 credentials must come from the config file, not
+    from this shell's environment (they hold secrets, so they are never copied into the job)."""
+    from .config import KEYS
+
+    shell_only = [n for n in ("storage.ledger_url", "storage.blobs_url") if settings.sources[n] == "env"]
+    if shell_only:
+        names = ", ".join(KEYS[n].env for n in shell_only)
+        raise ConfigError(f"the scheduled job would not see {names} (a scheduler does not pass on this shell's "
+                          f"environment) and would clean another store; put {', '.join(shell_only)} in the "
+                          "config file instead (abby config set)")
+    if settings.storage.blobs_url:
+        from .storage.s3 import S3_SETTINGS, resolve_s3_options
+
+        try:
+            resolve_s3_options({n: settings.value(n) for n in S3_SETTINGS}, env={})
+        except ConfigError as exc:
+            raise ConfigError(f"the scheduled job would not see this shell's AWS_* variables and would fail "
+                              f"every night with: {exc}; put the S3 settings in the config file "
+                              "(abby config set storage.s3_access_key_id ..., storage.s3_secret_access_key ...)") from None
 
 
 # --- cron -------------------------------------------------------------------------------------

@@ -273,3 +273,24 @@ def test_the_command_keeps_a_venv_interpreter(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.argv", ["-c"])
     monkeypatch.setattr("sys.executable", str(venv_python))
     assert schedule.abby_command(None, None)[:3] == [str(venv_python), "-m", "abbycli"]
+
+
+def test_a_store_chosen_by_the_shell_environment_is_never_scheduled_half(tmp_path):
+    """A scheduler runs the job without this shell's variables: a ledger or image store chosen
+    by them would be another store for the nightly job, and S3 credentials from AWS_* would be
+    missing. Both are refused at install time, naming what to put in the config file."""
+    from abbycli.errors import ConfigError
+
+    cfg = write_config(tmp_path / "abby.toml", '[storage]\nroot = "store"\n')
+    settings = load_settings(cfg, env={"ABBY_LEDGER_URL": "postgresql://abby:pw@db:5432/abby"})
+    with pytest.raises(ConfigError, match="would not see ABBY_LEDGER_URL .* and would clean another store") as err:
+        schedule.job_command(settings, environ={})
+    assert "pw" not in str(err.value)
+    s3 = write_config(tmp_path / "s3.toml", '[storage]\nroot = "store"\nblobs_url = "s3://bucket/p"\n')
+    with pytest.raises(ConfigError, match="would not see this shell's AWS_\\* variables"):
+        schedule.job_command(load_settings(s3, env={}), environ={})
+    good = write_config(tmp_path / "good.toml", '[storage]\nroot = "store"\nblobs_url = "s3://bucket/p"\n'
+                        's3_access_key_id = "AKIDEXAMPLE"\ns3_secret_access_key = "s3cr3t"\n'
+                        'ledger_url = "postgresql://abby:pw@db:5432/abby"\n')
+    command, _ = schedule.job_command(load_settings(good, env={}), environ={})
+    assert "s3cr3t" not in " ".join(command) and "pw@" not in " ".join(command)

@@ -197,7 +197,6 @@ def _dry_run(generator, storage, req, owner: str, as_json: bool) -> bool:
     from ..errors import DailyLimitReached, UserQuotaExceeded
     from ..pipeline import daily_slots
 
-    free = generator.is_free(req)
     slots = daily_slots(generator, req)
     status = storage.get_quota_status(owner)
     reserve = slots * storage.limits.generation_bytes

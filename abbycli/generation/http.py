@@ -15,7 +15,8 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from ..errors import ConfigError, MalformedResponse, ProviderError, ProviderUnavailable
+from ..errors import (ApiRejected, ConfigError, InvalidRequest, MalformedResponse, ModelNotFound, PayloadTooLarge,
+                      ProviderError, ProviderUnavailable, RateLimited)
 from ..secrets import clean_api_key, redact
 
 if TYPE_CHECKING:
@@ -154,6 +155,27 @@ def seed_or_none(value: Any) -> int | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return seed if 0 <= seed <= MAX_SEED else None
+
+
+def status_error(response: httpx.Response, suffix: str, what: str, limit: str = "") -> ProviderError:
+    """The statuses that mean the same at every HTTP API, once a provider has mapped its own
+    (auth, credits, moderation): ``what`` names the model or resource, ``suffix`` is the
+    scrubbed detail (": ..."), ``limit`` the documented body limit if any."""
+    status = response.status_code
+    if status == 404:
+        return ModelNotFound(f"the API does not know {what} (404){suffix}", status=status)
+    if status == 413:
+        size = f", {limit}" if limit else ""
+        return PayloadTooLarge(f"the request is larger than the API accepts (413{size}){suffix}", status=status)
+    if status in (400, 422):
+        return InvalidRequest(f"the API rejected the request ({status}){suffix}", status=status)
+    if status == 429:
+        return RateLimited(f"the API is rate-limiting requests (429){suffix}", status=status,
+                           retry_after=retry_after(response))
+    if status >= 500:
+        return ProviderUnavailable(f"the API had an internal error ({status}){suffix}", status=status,
+                                   retry_after=retry_after(response))
+    return ApiRejected(f"the API refused the request ({status}){suffix}", status=status)
 
 
 def short_text(response: httpx.Response, *secrets: str) -> str:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...config import Bounded, Key, api_key, http_url, non_empty, number_text
-from ...errors import (ApiRejected, AuthError, ConfigError, ContentFiltered, InsufficientCredits, InvalidInput,
-                       InvalidRequest, MalformedResponse, ModelNotFound, PayloadTooLarge, ProviderError,
-                       ProviderUnavailable, RateLimited)
+from ...errors import (AuthError, ConfigError, ContentFiltered, InsufficientCredits, InvalidInput, MalformedResponse,
+                       ProviderError)
 from ...secrets import MASK, redact
 from ...storage.formats import sniff_format
-from ..http import b64_image, checked_key, gather_all, json_body, logger, request, retry_after, retrying, short_text
+from ..http import (b64_image, checked_key, gather_all, json_body, logger, request, retrying, short_text,
+                    status_error)
 from ..imaging import inspect, resize, size_of
 from ..provider import Option, Provider
 from ..request import GeneratedImage, ImageRequest, check_count, check_prompt, choice, refuse
@@ -465,16 +465,4 @@ def _error_for(response: httpx.Response, model: str, key: str | None) -> Provide
         return AuthError(f"the API key was refused (401){suffix}; {KEY_HELP}", status=status)
     if status == 403:
         return AuthError(f"the key may not use {model} (403){suffix}", status=status)
-    if status == 404:
-        return ModelNotFound(f"the API does not know {model} or this endpoint (404){suffix}", status=status)
-    if status == 413:
-        return PayloadTooLarge(f"the request is larger than the API accepts (413){suffix}", status=status)
-    if status in (400, 422):
-        return InvalidRequest(f"the API rejected the request ({status}){suffix}", status=status)
-    if status == 429:
-        return RateLimited(f"the API is rate-limiting requests (429){suffix}", status=status,
-                           retry_after=retry_after(response))
-    if status >= 500:
-        return ProviderUnavailable(f"the API had an internal error ({status}){suffix}", status=status,
-                                   retry_after=retry_after(response))
-    return ApiRejected(f"the API refused the request ({status}){suffix}", status=status)
+    return status_error(response, suffix, f"{model} or this endpoint")

@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...config import Bounded, Key, api_key, http_url, non_empty, number_text
-from ...errors import (ApiRejected, AuthError, ConfigError, InsufficientCredits, InvalidInput, InvalidRequest, MalformedResponse,
-                       ModelNotFound, ModerationRejected, PayloadTooLarge, ProviderError, ProviderUnavailable,
-                       RateLimited)
+from ...errors import (AuthError, ConfigError, InsufficientCredits, InvalidInput, InvalidRequest, MalformedResponse,
+                       ModerationRejected, ProviderError, ProviderUnavailable)
 from ...secrets import MASK, redact
 from ...storage.formats import sniff_format
-from ..http import (Progress, b64_image, checked_key, gather_all, json_body, logger, request, retry_after, retrying,
-                    seed_or_none, short_text)
+from ..http import (Progress, b64_image, checked_key, gather_all, json_body, logger, request, retrying, seed_or_none,
+                    short_text, status_error)
 from ..imaging import inspect, resize, size_of
 from ..provider import Provider
 from ..request import GeneratedImage, ImageRequest
@@ -376,19 +375,7 @@ def _error_for(response: httpx.Response, model: str, key: str | None) -> Provide
     if status == 403:
         return ModerationRejected(f"the request was refused by the API's content moderation or permissions "
                                   f"(403){suffix}", status=status)
-    if status == 404:
-        return ModelNotFound(f"the API does not know {model or 'this resource'} (404){suffix}", status=status)
-    if status == 413:
-        return PayloadTooLarge(f"the request is larger than the API accepts (413, 10 MiB){suffix}", status=status)
-    if status in (400, 422):
-        return InvalidRequest(f"the API rejected the request ({status}){suffix}", status=status)
-    if status == 429:
-        return RateLimited(f"the API is rate-limiting requests (429){suffix}", status=status,
-                           retry_after=retry_after(response))
-    if status >= 500:
-        return ProviderUnavailable(f"the API had an internal error ({status}){suffix}", status=status,
-                                   retry_after=retry_after(response))
-    return ApiRejected(f"the API refused the request ({status}){suffix}", status=status)
+    return status_error(response, suffix, model or "this resource", "10 MiB")
 
 
 def _model(value: Any) -> str:
