@@ -248,7 +248,9 @@ KEYS: dict[str, Key] = {
         Key("generation.upscale_mode", non_empty, None,
             "Stability's upscale_mode, read when providers.stability.upscale_mode is not set."),
         Key("generation.upscale_timeout", Bounded(1, 1800, "seconds"), 600,
-            "Stability's upscale_timeout, read when providers.stability.upscale_timeout is not set.",
+            "Stability's upscale_timeout, read when providers.stability.upscale_timeout is not set.\n"
+            "Every provider time-out is at most 30 minutes: the storage reservation a request holds\n"
+            "is reclaimed as abandoned after an hour, so a request must always end well before that.",
             from_text=number_text),
         Key("generation.max_megapixels", Bounded(0.01, 89, "megapixels"), 40,
             "Largest image, in megapixels (million pixels), that abby reads as an input or makes\n"
