@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import ConfigError, InvalidInput
+from .errors import AbbyError, ConfigError, InvalidInput
 
 APP_NAME = "abby"
 CONFIG_FILENAME = "abby.toml"
@@ -96,9 +96,26 @@ def _timezone(value: Any) -> str:
 
 
 def http_url(value: Any) -> str:
+    """An http(s) URL with a host, a valid port, nothing that cannot go in a request line, and
+    no credentials in it (they would be printed wherever the URL is: use the provider's own
+    username/password or key settings)."""
+    from urllib.parse import urlsplit
+
     value = non_empty(value).rstrip("/")
     if not value.startswith(("https://", "http://")):
         raise ValueError(f"must start with https:// or http://, got {value!r}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    if "@" in parts.netloc:
+        raise ValueError("must not hold a user name or password (they would be shown wherever the URL is); "
+                         "use the provider's username/password or key settings")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {value!r}")
     return value
 
 
@@ -342,6 +359,28 @@ class Settings:
     def value(self, name: str) -> Any:
         key = KEYS[name]
         return getattr(getattr(self, key.section), key.short)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret these settings hold (API keys, passwords, the ledger URL's password), for
+        the last-resort scrubbing of output and logs. A provider whose settings cannot be read
+        adds nothing here: its error is reported where it is used."""
+        from urllib.parse import urlsplit
+
+        found = [self.value(k.name) for k in KEYS.values() if k.secret]
+        if self.storage.ledger_url:
+            try:
+                found.append(urlsplit(self.storage.ledger_url).password)
+            except ValueError:
+                pass
+        from .generation.provider import installed, load
+
+        for name in installed():
+            try:
+                keys = {k.short for k in load(name).settings if k.secret}
+                found += [v for k, (v, _) in self.provider_values(name).items() if k in keys]
+            except AbbyError:
+                continue
+        return tuple(sorted({str(v) for v in found if v}, key=len, reverse=True))
 
     def provider_config(self, name: str) -> dict[str, Any]:
         """Every setting of provider ``name``, each from (highest first) its environment

@@ -25,11 +25,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import history
-from .errors import AbbyError, ContentFiltered, QuotaExceeded
-from .generation.generator import ImageGenerator
+from .errors import AbbyError, ContentFiltered, InvalidInput, MalformedResponse, QuotaExceeded
+from .generation.generator import ImageGenerator, expected_images
 from .generation.imaging import embed_metadata
 from .generation.http import Progress
 from .generation.request import GeneratedImage, ImageRequest
+from .secrets import redact
 from .storage.manager import StorageManager, StoredImage
 
 
@@ -84,7 +85,10 @@ def _stem(req: ImageRequest, name: str | None) -> str:
     return {"upscale": "upscaled", "image-to-image": "img2img"}.get(req.operation, "generated")
 
 
-def metadata_for(req: ImageRequest, image: GeneratedImage) -> dict[str, Any]:
+def metadata_for(req: ImageRequest, image: GeneratedImage, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The parameters stored with an image. Text the provider sent back (a request id, a
+    revised prompt) is scrubbed of the provider's secrets first: a server that echoes a key
+    must not get it into the ledger or the file."""
     meta = {
         "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": image.seed, "model": image.model,
         "style_preset": req.style_preset, "provider": image.provider or req.provider,
@@ -95,7 +99,17 @@ def metadata_for(req: ImageRequest, image: GeneratedImage) -> dict[str, Any]:
         "options": dict(req.options) or None,
     }
     meta |= image.metadata  # what the provider adds (OpenAI's revised_prompt, say)
-    return {k: v for k, v in meta.items() if v is not None}
+    return {k: _scrubbed(v, secrets) for k, v in meta.items() if v is not None}
+
+
+def _scrubbed(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        return redact(value, *secrets)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v, secrets) for v in value]
+    return value
 
 
 def daily_slots(generator: ImageGenerator, req: ImageRequest) -> int:
@@ -129,6 +143,8 @@ async def generate(
     paid = not generator.is_free(req)
     slots = daily_slots(generator, req)
     started = time.time()
+    expected = expected_images(req)
+    secrets = generator.secrets(req)
     unsettled: list = []  # reservations not (yet) spent on a stored image
     extra: list = []  # images beyond the reserved slots, not stored
     result = GenerationResult(req, outcomes if outcomes is not None else [])
@@ -144,9 +160,9 @@ async def generate(
                     "the provider's content filter blocked this image; it was not stored and "
                     "does not count against the daily limit")))
                 continue
-            if paid and not unsettled:
+            if len(result.outcomes) >= expected or (paid and not unsettled):
                 # More images than were asked for (a ComfyUI graph may save extra ones): only
-                # the reserved ones are stored, never one the user did not pay a slot for.
+                # those asked for are stored, never one the user did not reserve room and a slot for.
                 extra.append(image)
                 continue
             reservation = unsettled.pop() if paid else None
@@ -156,11 +172,14 @@ async def generate(
                 result.outcomes.append(ImageOutcome(stored=stored, image=image))
                 reservation = None  # spent: the store confirmed it with the image row
 
-            meta = metadata_for(req, image)
+            meta = metadata_for(req, image, secrets)
             try:
-                data = await asyncio.to_thread(embed_metadata, image.data, meta)
+                data = await asyncio.to_thread(_with_metadata, image, meta)
                 await _uninterrupted(kept, storage.store, data, user_id, _stem(req, name) + ".png", metadata=meta,
                                      reservation=reservation)
+            except InvalidInput as exc:  # the only input here is the provider's image: its fault, not the user's
+                result.outcomes.append(ImageOutcome(image=image, error=MalformedResponse(
+                    f"the provider's image cannot be stored: {exc}")))
             except AbbyError as exc:
                 result.outcomes.append(ImageOutcome(image=image, error=exc))
             finally:
@@ -181,12 +200,12 @@ async def generate(
         if isinstance(stopped, QuotaExceeded):  # refused whole, before anything was sent
             attempts.append(history.attempt(started, user_id, req, error=stopped))
         elif stopped is not None:  # interrupted: one row for each image that was never made
-            missing = max(0, expected_images(req) - len(result.outcomes))
+            missing = max(0, expected - len(result.outcomes))
             attempts += [history.attempt(started, user_id, req, error=stopped)] * missing
         await asyncio.to_thread(history.record, storage, attempts)
         if extra:
             log.warning("the provider made %d image(s) more than the %d asked for; they were not stored",
-                        len(extra), expected_images(req))
+                        len(extra), expected)
             result.extra = len(extra)
         for o in result.outcomes:
             if o.error is not None:
@@ -200,9 +219,14 @@ async def generate(
     return result
 
 
-def expected_images(req: ImageRequest) -> int:
-    """How many images a request asks for, so how many outcomes it has when it runs to the end."""
-    return req.count if req.operation != "upscale" else 1
+def _with_metadata(image: GeneratedImage, meta: dict[str, Any]) -> bytes:
+    """The image with its parameters embedded. When they cannot be (more than a JPEG segment
+    holds, say), the paid image is stored without them, never lost: the ledger keeps them."""
+    try:
+        return embed_metadata(image.data, meta)
+    except InvalidInput as exc:
+        image.notes.append(f"the parameters were not embedded in the file ({exc}); the ledger keeps them")
+        return image.data
 
 
 async def _uninterrupted(on_result, fn, *args, **kwargs) -> None:

@@ -46,7 +46,7 @@ class AbbyGroup(TyperGroup):
             logfile.log().error("%s (exit %d)", exc, exc.exit_code)
             if os.environ.get("ABBY_DEBUG"):
                 raise
-            output.error(redact(str(exc), st.secret()))
+            output.error(redact(str(exc), *st.secrets()))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _state_of(ctx).open_log()
@@ -69,7 +69,7 @@ class AbbyGroup(TyperGroup):
         logfile.log().error("unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
         if os.environ.get("ABBY_DEBUG"):
             raise exc
-        output.error(redact(f"unexpected {type(exc).__name__}: {exc}", st.secret()) + _DEBUG_HINT)
+        output.error(redact(f"unexpected {type(exc).__name__}: {exc}", *st.secrets()) + _DEBUG_HINT)
         raise typer.Exit(1) from None
 
 
@@ -114,7 +114,7 @@ class State:
         if self._settings is None:
             self._settings = load_settings(self.config, {"storage.root": self.root, "cli.log_file": self.log_file})
             if self.command in LOGGED:
-                logfile.setup(self._settings.cli.log_file, self.command, self._settings.generation.api_key)
+                logfile.setup(self._settings.cli.log_file, self.command, self._settings.secrets())
         return self._settings
 
     def open_log(self) -> None:
@@ -128,10 +128,11 @@ class State:
         except AbbyError:
             from ..config import default_log_file
 
-            logfile.setup(Path(self.log_file) if self.log_file else default_log_file(), self.command, None)
+            logfile.setup(Path(self.log_file) if self.log_file else default_log_file(), self.command, ())
 
-    def secret(self) -> Optional[str]:
-        return self._settings.generation.api_key if self._settings is not None else None
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret of the loaded settings (none before they load), for scrubbing output."""
+        return self._settings.secrets() if self._settings is not None else ()
 
     def storage(self):
         if self._storage is None:

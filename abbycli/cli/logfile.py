@@ -24,9 +24,9 @@ LOGGER = "abby"
 
 
 class _RedactingFormatter(logging.Formatter):
-    def __init__(self, command: str, secret: str | None):
+    def __init__(self, command: str, secrets: tuple[str, ...]):
         super().__init__(f"%(asctime)s %(levelname)s abby {command}: %(message)s")
-        self.secret = secret
+        self.secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
         # One record, one line: control characters in the message (a file name with a
@@ -34,7 +34,7 @@ class _RedactingFormatter(logging.Formatter):
         # only abby itself adds, keeps its lines.
         message = output.printable(record.getMessage())
         record = logging.makeLogRecord({**record.__dict__, "msg": message, "args": ()})
-        return redact(super().format(record), self.secret)
+        return redact(super().format(record), *self.secrets)
 
 
 class _Handler(RotatingFileHandler):
@@ -56,7 +56,7 @@ class _Handler(RotatingFileHandler):
         output.warn(f"cannot write the log file {self.baseFilename}: {reason}; continuing without it")
 
 
-def setup(path: Path, command: str, secret: str | None) -> None:
+def setup(path: Path, command: str, secrets: tuple[str, ...]) -> None:
     """Send the "abby" logger to ``path``, and only there.
 
     Calling it again (a second command in one process, as the test runner
@@ -69,7 +69,7 @@ def setup(path: Path, command: str, secret: str | None) -> None:
     for handler in list(logger.handlers):
         if isinstance(handler, _Handler):
             if handler.baseFilename == target:
-                handler.setFormatter(_RedactingFormatter(command, secret))
+                handler.setFormatter(_RedactingFormatter(command, secrets))
                 handler.failed = False
                 return
             logger.removeHandler(handler)
@@ -80,7 +80,7 @@ def setup(path: Path, command: str, secret: str | None) -> None:
     except OSError as exc:
         output.warn(f"cannot write the log file {path}: {exc.strerror or exc}; continuing without it")
         return
-    handler.setFormatter(_RedactingFormatter(command, secret))
+    handler.setFormatter(_RedactingFormatter(command, secrets))
     logger.addHandler(handler)
 
 

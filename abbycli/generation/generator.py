@@ -10,17 +10,21 @@ methods (``text_to_image`` and friends) wrap it and never raise.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Awaitable, Callable, Mapping
 
-from ..errors import AbbyError, ContentFiltered, InvalidInput, ProviderError
+from ..errors import AbbyError, ContentFiltered, InvalidInput, MalformedResponse, ProviderError
+from ..secrets import redact
 from . import provider as registry
-from .http import Progress
+from .http import Progress, seed_or_none
 from .imaging import MAX_SIDE, check_size, inspect, over_limit, resize, size_of
 from .provider import Provider
 from .providers.local import target_size
 from .request import GeneratedImage, ImageRequest
 
 DEFAULT_MAX_MEGAPIXELS = 40
+
+log = logging.getLogger("abby")
 
 
 class ImageGenerator:
@@ -139,6 +143,10 @@ class ImageGenerator:
         """The exact requests a prepared request would send (secrets masked), for --dry-run."""
         return self.provider(req.provider).describe(req)
 
+    def secrets(self, req: ImageRequest) -> tuple[str, ...]:
+        """What must be scrubbed from anything the request's provider sent back."""
+        return self.provider(req.provider).secrets()
+
     async def generate(self, req: ImageRequest, *, user_id: str | None = None, concurrency: int = 4,
                        progress: Progress | None = None) -> list[GeneratedImage | ProviderError]:
         """Validate and run a request; one entry per image (an image or the error it failed with)."""
@@ -156,18 +164,43 @@ class ImageGenerator:
         store the first ones while the others are still being made.
         """
         provider = self.provider(req.provider)
+        delivered: list[GeneratedImage | ProviderError] = []
+        seen: dict[int, Any] = {}  # id of what the provider handed over -> what was handed on
 
-        async def arrived(images: list) -> None:
-            for image in images:
-                if isinstance(image, GeneratedImage):
-                    image.provider = image.provider or provider.name
-                    if req.operation == "upscale":
-                        await asyncio.to_thread(self._exact_size, req, image, provider.native_factor(req))
-            if on_images is not None:
-                await on_images(images)
+        async def arrived(images: Any) -> None:
+            fresh = [i for i in (images if isinstance(images, list) else [images]) if id(i) not in seen]
+            checked = [_checked(provider, i) for i in fresh]
+            seen.update((id(i), c) for i, c in zip(fresh, checked))
+            for image in checked:
+                if isinstance(image, GeneratedImage) and req.operation == "upscale":
+                    await asyncio.to_thread(self._exact_size, req, image, provider.native_factor(req))
+            delivered.extend(checked)
+            if on_images is not None and checked:
+                await on_images(checked)
 
-        return await provider.run(req, user_id=user_id, concurrency=concurrency, progress=progress,
-                                  on_images=arrived)
+        try:
+            returned = await provider.run(req, user_id=user_id, concurrency=concurrency, progress=progress,
+                                          on_images=arrived)
+        except ProviderError as exc:  # the whole request failed: every image not yet made did
+            returned, failure = [], exc
+        except (Exception, SystemExit) as exc:  # a provider's bug, or an answer it could not read
+            log.warning("provider %s failed unexpectedly", provider.name, exc_info=True)
+            returned = []
+            failure = ProviderError(redact(f"the {provider.name} provider failed unexpectedly "
+                                           f"({type(exc).__name__}: {exc})", *provider.secrets()))
+        else:
+            failure = MalformedResponse(f"the {provider.name} provider returned fewer images than asked for")
+        # What was returned but never handed over, then an error for each image still missing.
+        returned = returned if isinstance(returned, list) else []
+        await arrived([i for i in returned if id(i) not in seen])
+        # In the provider's order where it returned everything it handed over (arrival order else).
+        ordered = [seen[id(i)] for i in returned]
+        result = ordered if len(ordered) == len(delivered) else list(delivered)
+        missing = expected_images(req) - len(result)
+        if missing > 0:
+            await arrived([failure] * missing)
+            result += [failure] * missing
+        return result
 
     @staticmethod
     def _exact_size(req: ImageRequest, image: GeneratedImage, native: float) -> None:
@@ -204,6 +237,30 @@ class ImageGenerator:
             return False, None, f"image generation failed: {type(exc).__name__}: {exc}"
         seed = f", seed {result.seed}" if result.seed is not None else ""
         return True, result.data, f"generated with {result.model}{seed}"
+
+
+def expected_images(req: ImageRequest) -> int:
+    """How many images a request asks for: one entry each in what ``run`` returns."""
+    return req.count if req.operation != "upscale" else 1
+
+
+def _checked(provider: Provider, item: Any) -> GeneratedImage | ProviderError:
+    """One entry a provider handed over, made safe for the pipeline: an error stays an error
+    (any other exception becomes one), an image must carry bytes, and an informative seed
+    outside 0..2**32-1 is dropped rather than breaking the history."""
+    if isinstance(item, ProviderError):
+        return item
+    if isinstance(item, BaseException):
+        return ProviderError(redact(f"the {provider.name} provider failed ({type(item).__name__}: {item})",
+                                    *provider.secrets()))
+    if not isinstance(item, GeneratedImage) or not isinstance(item.data, (bytes, bytearray)):
+        what = type(item.data if isinstance(item, GeneratedImage) else item).__name__
+        return MalformedResponse(f"the {provider.name} provider handed over {what} instead of image bytes")
+    item.data = bytes(item.data)
+    item.provider = item.provider or provider.name
+    if item.seed is not None:
+        item.seed = seed_or_none(item.seed)
+    return item
 
 
 def _operations(name: str) -> tuple[str, ...]:

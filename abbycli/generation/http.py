@@ -62,6 +62,8 @@ class RetryPolicy:
         if not isinstance(exc, ProviderUnavailable):
             return False
         self.failures += 1
+        if exc.retry_after is not None and exc.retry_after > self.timeout:
+            return False  # the server asks for a longer wait than abby would spend in all: fail now
         if exc.retry_after is not None:
             wait = min(exc.retry_after, 60.0)
         else:
@@ -107,18 +109,36 @@ def retry_after(response: httpx.Response) -> float | None:
             return None
 
 
+# The largest answer abby reads from a provider: far above any image an API returns (a few
+# MiB, or tens as base64 in JSON), and a bound on what a broken or hostile server can make it hold.
+MAX_BODY_BYTES = 256 * 1024 * 1024
+
+
 async def request(http: httpx.AsyncClient, method: str, url: str, *, host: str, secrets: tuple = (),
-                  **kwargs: Any) -> httpx.Response:
-    """One HTTP exchange; network failures become ProviderUnavailable (retried by the
-    caller's loop) and requests that cannot even be built a plain ProviderError (never
-    retried). Messages are scrubbed of ``secrets``. Status codes are the caller's to map."""
+                  max_bytes: int = MAX_BODY_BYTES, **kwargs: Any) -> httpx.Response:
+    """One HTTP exchange, its body read whole but never beyond ``max_bytes``; network failures
+    become ProviderUnavailable (retried by the caller's loop) and requests that cannot even be
+    built a plain ProviderError (never retried). Messages are scrubbed of ``secrets``. Status
+    codes are the caller's to map."""
     import httpx
 
     try:
-        return await http.request(method, url, **kwargs)
+        async with http.stream(method, url, **kwargs) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise MalformedResponse(f"the API at {host} answered with {int(declared):,} bytes, more than the "
+                                        f"{max_bytes:,} abby reads")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise MalformedResponse(f"the API at {host} answered with more than the {max_bytes:,} bytes "
+                                            "abby reads")
+        return httpx.Response(response.status_code, headers=response.headers, content=bytes(body),
+                              request=response.request, extensions=response.extensions)
     except httpx.TimeoutException as exc:
         raise ProviderUnavailable(f"the API at {host} did not answer in time ({type(exc).__name__})") from None
-    except (httpx.LocalProtocolError, httpx.UnsupportedProtocol, UnicodeEncodeError) as exc:
+    except (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL, UnicodeEncodeError) as exc:
         # h11's message quotes the offending header, which may be the key: never shown.
         raise ProviderError(f"abby could not send the request to {host} ({type(exc).__name__}: an HTTP "
                             "header or the URL is not valid; check the provider's api_host and key)") from None
@@ -131,8 +151,9 @@ def json_body(response: httpx.Response) -> Any:
     """The response's JSON, or MalformedResponse."""
     try:
         return response.json()
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
-        raise MalformedResponse(f"the API answered {response.status_code} with a body that is not JSON") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; absurdly deep nesting
+        raise MalformedResponse(f"the API answered {response.status_code} with a body that is not JSON "
+                                "abby can read") from None
 
 
 def b64_image(value: Any) -> bytes:

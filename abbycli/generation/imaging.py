@@ -140,6 +140,15 @@ def inspect(data: bytes, *, from_provider: bool = False, name: str | None = None
     fmt = sniff_format(data)
     if fmt is None:
         raise error(f"{who} not a PNG, JPEG or WebP image" + (f" ({len(data)} bytes)" if from_provider else ""))
+    if from_provider:
+        # From the header, before a single pixel is decoded: a small file can claim billions of
+        # pixels (a decompression bomb), and the store would refuse anything above this anyway.
+        from PIL import Image
+
+        size = header_size(data)
+        if size is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+            raise error(f"{who} a {size[0]}x{size[1]} image, more than the {_megapixels(Image.MAX_IMAGE_PIXELS)} "
+                        "abby stores")
     try:
         with _open(data) as img:
             img.load()  # decodes every pixel: a truncated or corrupt file fails here

@@ -114,6 +114,12 @@ class Provider(ABC):
         """For an upscale: the scale the backend applies when neither --width nor --factor is given."""
         return 2.0
 
+    def secrets(self) -> tuple[str, ...]:
+        """The values abby scrubs from everything this provider's backend sends back before it
+        is shown or stored: by default every setting declared ``secret``. A provider that
+        derives another secret (a Basic token) adds it."""
+        return tuple(str(self.config[k.short]) for k in self.settings if k.secret and self.config.get(k.short))
+
     async def list_models(self) -> list[str]:
         """The models the backend offers now (may ask the server: AUTOMATIC1111's checkpoints);
         by default the names abby knows."""
@@ -172,7 +178,7 @@ def load(name: str) -> type[Provider]:
         raise ConfigError(f"unknown provider {name!r}{suggest(name, points)}; installed providers: {names}")
     try:
         cls = points[name].load()
-    except Exception as exc:  # a broken plugin must not take abby down with a traceback
+    except (Exception, SystemExit) as exc:  # a broken plugin must not take abby down, nor end it
         raise ConfigError(f"provider {name!r} could not be loaded ({type(exc).__name__}: {exc}); "
                           f"reinstall or remove the package that provides it") from None
     if not (isinstance(cls, type) and issubclass(cls, Provider)):
@@ -182,7 +188,10 @@ def load(name: str) -> type[Provider]:
 
 def validate_table(name: str, table: Any, where: str) -> dict[str, Any]:
     """Check a ``[providers.<name>]`` table from the config file with the provider's own keys."""
-    cls = load(name)
+    try:
+        cls = load(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: [providers.{name}]: {exc}") from None
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: 'providers.{name}' must be a table ([providers.{name}])")
     keys = {k.short: k for k in cls.settings}

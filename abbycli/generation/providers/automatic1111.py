@@ -234,7 +234,7 @@ class Automatic1111Provider(Provider):
         user, password = self.config.get("username"), self.config.get("password")
         return (user, password) if user and password else None
 
-    def _secrets(self) -> tuple[str, ...]:
+    def secrets(self) -> tuple[str, ...]:
         """What must never be shown: the password, and the Basic token made from it."""
         auth = self._auth()
         if auth is None:
@@ -389,7 +389,7 @@ class Automatic1111Provider(Provider):
                 try:
                     async with asyncio.timeout(timeout):
                         response = await request(self._http(), method, path, host=self.host,
-                                                 secrets=self._secrets(), headers=self._headers(), **kwargs)
+                                                 secrets=self.secrets(), headers=self._headers(), **kwargs)
                 except TimeoutError:
                     # Not retried: the GPU may still be working on it.
                     raise ProviderError(f"the WebUI at {self.host} did not finish within {num(timeout)} s "
@@ -398,7 +398,7 @@ class Automatic1111Provider(Provider):
                 except ProviderUnavailable as exc:
                     raise ProviderUnavailable(f"{exc}; {API_HINT}") from None
                 if response.status_code >= 400:
-                    raise _error_for(response, self.host, self._auth() is not None, self._secrets())
+                    raise _error_for(response, self.host, self._auth() is not None, self.secrets())
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -471,7 +471,7 @@ class Automatic1111Provider(Provider):
         if not isinstance(raw, list):
             raise MalformedResponse("the WebUI's answer has no 'images' list")
         first = info.get("index_of_first_image")
-        first = first if isinstance(first, int) and 0 <= first <= len(raw) else 0
+        first = first if type(first) is int and 0 <= first <= len(raw) else 0  # not a bool: true is no index
         seeds = info.get("all_seeds") if isinstance(info.get("all_seeds"), list) else []
         model = str(info.get("sd_model_name") or req.model or "unknown")
         extra = {k: info[k] for k in ("sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
@@ -510,7 +510,7 @@ def _info(value: Any) -> dict[str, Any]:
     never a generated image."""
     try:
         info = json.loads(value) if isinstance(value, str) else value
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or absurdly deep
         return {}
     return info if isinstance(info, dict) else {}
 
@@ -565,7 +565,7 @@ def _error_for(response: httpx.Response, host: str, with_auth: bool, secrets: tu
     status = response.status_code
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or absurdly deep
         body = None
     detail = _one_line(redact(_detail(body), *secrets)) if isinstance(body, dict) else short_text(response, *secrets)
     suffix = f": {detail}" if detail else ""

@@ -144,6 +144,11 @@ def _strings(value: Any, where: str):
             yield from _strings(v, where)
 
 
+def _no_constant(name: str):
+    """NaN and Infinity are not JSON: a graph holding them could not be sent as JSON either."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_workflow(path: str, setting: str) -> Workflow:
     """Read and check an API-format workflow file; ConfigError with one clear line otherwise."""
     where = f"providers.comfyui.{setting}: {path}"
@@ -154,7 +159,9 @@ def load_workflow(path: str, setting: str) -> Workflow:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     try:
-        graph = json.loads(text)
+        graph = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a workflow") from None
     except ValueError as exc:
         raise ConfigError(f"{where} is not valid JSON ({exc})") from None
     return Workflow(Path(path).name, check_graph(graph, where))
@@ -657,7 +664,7 @@ def _error_for(response: httpx.Response, what: str, key: str | None, cloud: bool
     status = response.status_code
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or absurdly deep
         body = None
     if isinstance(body, dict):
         detail = _node_errors(body)

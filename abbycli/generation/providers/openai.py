@@ -443,7 +443,7 @@ def _error_for(response: httpx.Response, model: str, key: str | None) -> Provide
     status = response.status_code
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or absurdly deep
         body = None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):

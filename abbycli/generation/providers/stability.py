@@ -355,7 +355,7 @@ def _error_for(response: httpx.Response, model: str, key: str | None) -> Provide
     detail, name = "", ""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or absurdly deep
         body = None
     if isinstance(body, dict):
         name = str(body.get("name") or "")
