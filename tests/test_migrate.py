@@ -336,11 +336,12 @@ def test_a_run_killed_at_a_random_moment_is_finished_by_the_next(tmp_path):
     assert child.returncode != 0
     target, source = store_at(tmp_path / "dst"), store_at(tmp_path / "src")
     assert 20 <= len(target.list_images()) < 60
-    assert target.check().remaining == [] or {p.kind for p in target.check().remaining} == {"orphan_file"}
+    # Never a row without its blob: at most a blob without its row, or a staged temp file.
+    assert {p.kind for p in target.check().problems} <= {"orphan_file", "temp_leftover"}
     report = migrate(source, target)
     assert report.complete and report.copied + report.already == 60
     assert_same_content(source, target)
-    assert target.check().problems == []
+    assert {p.kind for p in target.check().problems} <= {"temp_leftover"}  # for check --fix, as after any kill
     target.close()
     source.close()
 

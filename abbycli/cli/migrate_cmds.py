@@ -63,7 +63,8 @@ def _summary(report, checked, to: Path) -> None:
     would = "would be " if report.dry_run else ""
     output.info(f"{'Dry run: ' if report.dry_run else ''}{report.source} -> {report.target}")
     output.info(f"Images: {report.copied} {would}copied ({human_size(report.bytes_copied)})"
-                + (f", {report.resumed} of them left complete by an earlier run" if report.resumed else "")
+                + (f", {report.resumed} of them found with the same bytes in the target's image store "
+                   "(an interrupted run's, or the same folder or bucket)" if report.resumed else "")
                 + f"; {report.already} already there; {len(report.conflicts)} conflict(s); "
                   f"{len(report.failed)} failed; {report.images} in the source")
     output.info(f"History: {report.history_copied} record(s) {would}copied, {report.history_already} already there")

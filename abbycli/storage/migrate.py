@@ -60,7 +60,7 @@ class MigrateReport:
     dry_run: bool = False
     images: int = 0          # listed images of the source gone through
     copied: int = 0          # rows inserted into the target this run (dry run: would be)
-    resumed: int = 0         # of those, whose blob an earlier run had already put there
+    resumed: int = 0         # of those, whose blob the target already had (same bytes)
     already: int = 0         # rows the target had already (same key, same size)
     bytes_copied: int = 0
     conflicts: list[Skipped] = field(default_factory=list)  # the target holds other bytes under the key
