@@ -153,6 +153,32 @@ class LedgerReader(ABC):
         """History records (tuples in HISTORY_COLUMNS order), newest first (at, then id,
         descending); only ``user_id``'s and those with ``at >= since`` when given."""
 
+    # --- moving a store (abby migrate): paging and lookups in batches -------------------
+    @abstractmethod
+    def images_page(self, after_id: int, limit: int) -> list[ImageRow]:
+        """Up to ``limit`` listed images with id > ``after_id``, by id ascending (keyset paging:
+        a store of millions is read page by page, each page one short transaction)."""
+
+    @abstractmethod
+    def images_by_keys(self, keys: Sequence[str]) -> list[ImageRow]:
+        """The listed images among these keys (any order; missing keys are left out)."""
+
+    @abstractmethod
+    def images_by_ids(self, ids: Sequence[int]) -> list[ImageRow]:
+        """The listed images among these ids (any order; missing ids are left out)."""
+
+    @abstractmethod
+    def history_page(self, after_id: int, limit: int) -> list[tuple]:
+        """Up to ``limit`` history records with id > ``after_id``, by id ascending."""
+
+    @abstractmethod
+    def history_between(self, start: float, end: float) -> list[tuple]:
+        """History records with start <= at <= end, by id ascending."""
+
+    @abstractmethod
+    def daily_counts(self, day: str) -> dict[str, int]:
+        """user -> generations counted on ``day`` (users with a counter only)."""
+
 
 class LedgerWriter(LedgerReader):
     """Operations that need ``write()``: all of them run under the ledger's write lock."""
@@ -219,6 +245,10 @@ class LedgerWriter(LedgerReader):
     def append_history(self, records: Sequence[tuple]) -> None:
         """Append history records: tuples in HISTORY_COLUMNS order without ``id``."""
 
+    @abstractmethod
+    def raise_daily(self, day: str, counts: dict[str, int]) -> None:
+        """Set each user's counter for ``day`` to at least the given count (never lowers one)."""
+
 
 class Ledger(ABC):
     """A store's ledger. Opened lazily: building one costs nothing until it is used.
@@ -251,3 +281,15 @@ class Ledger(ABC):
     @abstractmethod
     def close(self) -> None:
         """Close connections; a later call opens them again."""
+
+    @abstractmethod
+    def open_read_only(self) -> None:
+        """Open (or reopen) this ledger for reads only: ``write()`` raises ReadOnlyStore, and
+        nothing is ever written, not even a schema upgrade or a rebuild (a ledger that needs
+        one is refused with StorageError). For a store that must stay untouched: the source
+        of ``abby migrate``."""
+
+    @abstractmethod
+    def identity(self) -> tuple:
+        """Equal for two objects over the same ledger (the same file; the same database and
+        schema), different otherwise. May open the ledger. Never holds a secret."""

@@ -312,6 +312,28 @@ class _Reader(LedgerReader):
             args.append(limit)
         return self._all(sql, args)
 
+    # --- moving a store (abby migrate) ---------------------------------------------------
+    def images_page(self, after_id: int, limit: int) -> list[ImageRow]:
+        return [ImageRow(*r) for r in self._all(
+            f"SELECT {_IMAGE} FROM images WHERE id > %s ORDER BY id LIMIT %s", (after_id, limit))]
+
+    def images_by_keys(self, keys: Sequence[str]) -> list[ImageRow]:
+        return [ImageRow(*r) for r in self._all(f"SELECT {_IMAGE} FROM images WHERE key = ANY(%s)", (list(keys),))]
+
+    def images_by_ids(self, ids: Sequence[int]) -> list[ImageRow]:
+        return [ImageRow(*r) for r in self._all(f"SELECT {_IMAGE} FROM images WHERE id = ANY(%s)", (list(ids),))]
+
+    def history_page(self, after_id: int, limit: int) -> list[tuple]:
+        return self._all(f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history WHERE id > %s ORDER BY id LIMIT %s",
+                         (after_id, limit))
+
+    def history_between(self, start: float, end: float) -> list[tuple]:
+        return self._all(f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history WHERE at BETWEEN %s AND %s ORDER BY id",
+                         (start, end))
+
+    def daily_counts(self, day: str) -> dict[str, int]:
+        return dict(self._all("SELECT user_id, used FROM daily WHERE day = %s", (day,)))
+
 
 def _matching(ids: Sequence[int] | None, created_before: float | None, user_id: str | None) -> tuple[str, list]:
     where, args = ["true"], []
@@ -475,6 +497,12 @@ UPDATE totals SET bytes = (SELECT COALESCE(sum(bytes), 0) FROM usage),
                                 f"VALUES ({', '.join(['%s'] * len(columns))})", records)
         except psycopg.Error as exc:
             raise self._error(exc) from exc
+
+    def raise_daily(self, day: str, counts: dict[str, int]) -> None:
+        if counts:
+            self._run("INSERT INTO daily (user_id, day, used) SELECT u, %s, n FROM unnest(%s::text[], %s::int[]) "
+                      "AS c(u, n) ON CONFLICT (user_id, day) DO UPDATE SET used = GREATEST(daily.used, excluded.used)",
+                      (day, list(counts), list(counts.values())))
 
 
 # --- the ledger ----------------------------------------------------------------------------
@@ -715,3 +743,26 @@ class PostgresLedger(Ledger):
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+
+    def open_read_only(self) -> None:
+        """Reads only: the schema must be current already (no migration runs), and
+        ``write()`` and ``maintenance_lock()`` refuse; read transactions are READ ONLY anyway."""
+        with self._connect() as conn:
+            try:
+                version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+            except (pgerrors.UndefinedTable, pgerrors.InvalidSchemaName):
+                version = 0
+            except psycopg.Error as exc:
+                raise self._error(exc) from exc
+        if version != SCHEMA_VERSION:
+            raise StorageError(
+                f"ledger {self._where} was written by a newer abby (schema {version}); upgrade abby"
+                if version > SCHEMA_VERSION else
+                f"the ledger {self._where} has no abby tables or needs an upgrade, which a read-only "
+                "opening never makes; run `abby check` on that store once first")
+        self._get_pool()
+        self.read_only = True
+
+    def identity(self) -> tuple:
+        self._get_pool()
+        return "postgres", self._where, self._schema

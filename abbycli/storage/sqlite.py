@@ -397,6 +397,37 @@ class _Reader(LedgerReader):
             args.append(limit)
         return self._conn.execute(sql, args).fetchall()
 
+    # --- moving a store (abby migrate) ---------------------------------------------------
+    def images_page(self, after_id: int, limit: int) -> list[ImageRow]:
+        return [ImageRow(*r) for r in self._conn.execute(
+            f"SELECT {_IMAGE} FROM images WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))]
+
+    def _images_in(self, column: str, values: Sequence) -> list[ImageRow]:
+        out = []
+        values = list(values)
+        for i in range(0, len(values), 500):  # well under SQLite's limit on bound parameters
+            chunk = values[i:i + 500]
+            out += [ImageRow(*r) for r in self._conn.execute(
+                f"SELECT {_IMAGE} FROM images WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)]
+        return out
+
+    def images_by_keys(self, keys: Sequence[str]) -> list[ImageRow]:
+        return self._images_in("key", keys)
+
+    def images_by_ids(self, ids: Sequence[int]) -> list[ImageRow]:
+        return self._images_in("id", ids)
+
+    def history_page(self, after_id: int, limit: int) -> list[tuple]:
+        return self._conn.execute(f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history WHERE id > ? "
+                                  "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+
+    def history_between(self, start: float, end: float) -> list[tuple]:
+        return self._conn.execute(f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history WHERE at BETWEEN ? AND ? "
+                                  "ORDER BY id", (start, end)).fetchall()
+
+    def daily_counts(self, day: str) -> dict[str, int]:
+        return dict(self._conn.execute("SELECT user_id, used FROM daily WHERE day = ?", (day,)).fetchall())
+
 
 def _matching(ids: Sequence[int] | None, created_before: float | None, user_id: str | None) -> tuple[str, list]:
     where, args = ["1 = 1"], []
@@ -520,6 +551,12 @@ class _Writer(_Reader, LedgerWriter):
             "WHERE created_at >= ? GROUP BY user_id "
             "ON CONFLICT (user_id, day) DO UPDATE SET used = MAX(used, excluded.used)", (day, since))
         self._conn.execute("DELETE FROM state WHERE key = 'rebuild'")
+
+    def raise_daily(self, day: str, counts: dict[str, int]) -> None:
+        self._conn.executemany(
+            "INSERT INTO daily (user_id, day, used) VALUES (?, ?, ?) "
+            "ON CONFLICT (user_id, day) DO UPDATE SET used = MAX(used, excluded.used)",
+            [(user, day, used) for user, used in counts.items()])
 
 
 class SqliteLedger(Ledger):
@@ -751,3 +788,31 @@ class SqliteLedger(Ledger):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def open_read_only(self) -> None:
+        """A read-only connection (``mode=ro``): reads see other processes' commits as usual,
+        and this process never writes the ledger file, never upgrades or rebuilds it."""
+        with self._lock:
+            self.close()
+            if not self.path.is_file():
+                raise StorageError(f"there is no ledger {self.path}")
+            try:
+                conn = connect_read_only(self.path)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.Error as exc:
+                raise convert_error(exc, self.path) from exc
+            if version != SCHEMA_VERSION:
+                conn.close()
+                raise StorageError(
+                    f"the ledger {self.path} was written by a newer abby (schema {version}); upgrade abby"
+                    if version > SCHEMA_VERSION else
+                    f"the ledger {self.path} needs an upgrade, which a read-only opening never makes; "
+                    "run `abby check` on that store once first")
+            self._conn, self.read_only, self._identity = conn, True, _file_identity(self.path)
+            if self.needs_rebuild():
+                self.close()
+                raise StorageError(f"the ledger {self.path} was lost and is not rebuilt yet: "
+                                   "run `abby check --fix` on that store first")
+
+    def identity(self) -> tuple:
+        return "sqlite", os.path.normcase(os.path.realpath(self.path))
