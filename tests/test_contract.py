@@ -305,6 +305,24 @@ def test_check_finds_and_fix_repairs_every_drift(backend):
     assert_consistent(backend, sm)
 
 
+def test_an_adopted_blob_never_takes_an_id_handed_out_before(backend):
+    sm = backend(**TIGHT)
+    first = sm.store(make_png(500), "alice")
+    # A save killed after its blob was committed: its name carries the id it was about to get ...
+    crashed = f"users/alice/generated-{first.id + 1}.png"
+    sm.blobs.commit(sm.blobs.stage(make_png(600)), crashed)
+    # ... which the next save got instead (under another name), and its user then deleted.
+    taken = sm.store(make_png(700), "alice")
+    assert taken.id == first.id + 1 and taken.key != crashed
+    sm.delete_image(taken.id)
+    assert [(p.kind, p.fixed) for p in sm.check(fix=True).problems] == [("orphan_file", True)]
+    adopted = sm.get_image(crashed)
+    assert adopted.id > taken.id  # a new id: the deleted image's id names nothing again
+    with pytest.raises(NotFound):
+        sm.get_image(taken.id)
+    assert_consistent(backend, sm)
+
+
 def test_check_leaves_a_blob_that_is_not_an_image_alone(backend):
     sm = backend(**TIGHT)
     sm.store(make_png(1000), "alice")
