@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -321,6 +322,32 @@ def test_an_adopted_blob_never_takes_an_id_handed_out_before(backend):
     with pytest.raises(NotFound):
         sm.get_image(taken.id)
     assert_consistent(backend, sm)
+
+
+def test_check_never_reports_a_save_in_flight(backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    saver, checker = backend(**TIGHT), backend("host1", **TIGHT)
+    placed, release = threading.Event(), threading.Event()
+    commit = saver.blobs.commit
+
+    def slow_commit(staged, key):
+        commit(staged, key)
+        placed.set()
+        release.wait(30)  # the blob is in place; its row is not committed yet
+
+    saver.blobs.commit = slow_commit
+    with ThreadPoolExecutor(2) as pool:
+        saving = pool.submit(saver.store, make_png(600), "alice")
+        try:
+            assert placed.wait(30)
+            checking = pool.submit(checker.check)
+            time.sleep(0.3)  # the check sees the blob, and must wait for its save to settle
+        finally:
+            release.set()
+        saving.result(30)
+        assert checking.result(60).problems == []
+    assert_consistent(backend, checker)
 
 
 def test_check_leaves_a_blob_that_is_not_an_image_alone(backend):

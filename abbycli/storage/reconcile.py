@@ -40,7 +40,10 @@ def check(ledger: Ledger, blobs: BlobStore, limits: Limits, *, fix: bool, now: f
 
     # Decoding is slow: done before the lock is taken, so saves go on meanwhile.
     verdicts = {key: _verify(blobs, key) for key in suspects}
-    with (ledger.write() if fix else ledger.read()) as tx:
+    # A blob without a row may be a save in flight (placed, its row not committed yet):
+    # only under the write lock can no save be half-done, so a check that only reads
+    # takes it too when there is something to confirm (and this user may write at all).
+    with (ledger.write() if fix or (suspects and not ledger.read_only) else ledger.read()) as tx:
         # Lowest name id first (names without one last): an orphan adopted under the id its
         # name carries pushes the next id past it, so a higher one can keep its own too.
         for key in sorted(suspects, key=lambda k: (_name_id(k) or _MAX_ID + 1, k)):
