@@ -390,8 +390,10 @@ def hosts_for(backend) -> list[str]:
 
 
 SIZE = 4 * KIB
-# Four images per user, ten in all, three generations a day: three users contend for every limit.
-RACE = limits_mb(user=4 * SIZE, total=10 * SIZE, daily=3, generation=SIZE)
+# Four images per user, ten in all, two generations a day: three users contend for every limit.
+# (Simulated over random interleavings of these seeds' operations, every limit is reached
+# every time; with three a day, the store sometimes filled before any user's day did.)
+RACE = limits_mb(user=4 * SIZE, total=10 * SIZE, daily=2, generation=SIZE)
 USERS = ["u0", "u1", "u2"]
 
 
@@ -422,7 +424,7 @@ def test_hosts_racing_on_tight_limits_never_exceed_them(backend):
     assert audit.ok
     assert totals.bytes <= 10 * SIZE and totals.reserved == 0
     assert all(u.bytes <= 4 * SIZE for u in usage.values()), usage
-    assert all(used <= 3 and held == 0 for used, held in daily.values()), daily
+    assert all(used <= 2 and held == 0 for used, held in daily.values()), daily
     # Every counter is exactly what the processes did.
     assert totals.bytes == sum(stored.values()) and totals.files == len(stored)
     for user in USERS:
