@@ -29,12 +29,10 @@ BACKENDS = ("sqlite-local", "postgres-local", "postgres-s3")
 MIB = 1024 * 1024
 
 
-def limits_mb(*, user: int, total: int, daily: int = 5, generation: int | None = None,
-              cleanup_days: float = 7, timezone: str = "UTC") -> dict:
+def limits_mb(*, user: int, total: int, daily: int = 5, generation: int | None = None) -> dict:
     """StorageManager's keyword arguments for limits given in bytes (exact: x / 2**20 is)."""
     return {"max_global_storage_mb": total / MIB, "max_user_storage_mb": user / MIB, "max_user_daily_gens": daily,
-            "cleanup_days": cleanup_days, "image_generation_size_mb": (generation or min(user, 1024)) / MIB,
-            "daily_reset_timezone": timezone}
+            "image_generation_size_mb": (generation or min(user, 1024)) / MIB}
 
 
 def build(description: dict, limits: dict):

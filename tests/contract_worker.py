@@ -10,7 +10,7 @@ The job: {"store": <Backend.description()>, "limits": {...}, "host": NAME, "acti
 Actions:
     race      ``ops`` operations mixed at random (seeded), then one JSON line: what was
               stored (keys and sizes), the daily slots spent per user and the refusals.
-    forever   the same mix until killed; prints '.' after each operation that changed the store.
+    forever   the same mix until killed; prints '.' after each operation that was not refused.
     commit-then-die   reserve a generation, then store its image and SIGKILL itself right
               after the blob is committed, before the ledger commits.
 """
