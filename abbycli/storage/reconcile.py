@@ -40,8 +40,13 @@ def check(ledger: Ledger, blobs: BlobStore, limits: Limits, *, fix: bool, now: f
 
     # Decoding is slow: done before the lock is taken, so saves go on meanwhile.
     verdicts = {key: _verify(blobs, key) for key in suspects}
-    with (ledger.write() if fix else ledger.read()) as tx:
-        for key in suspects:
+    # A blob without a row may be a save in flight (placed, its row not committed yet):
+    # only under the write lock can no save be half-done, so a check that only reads
+    # takes it too when there is something to confirm (and this user may write at all).
+    with (ledger.write() if fix or (suspects and not ledger.read_only) else ledger.read()) as tx:
+        # Lowest name id first (names without one last): an orphan adopted under the id its
+        # name carries pushes the next id past it, so a higher one can keep its own too.
+        for key in sorted(suspects, key=lambda k: (_name_id(k) or _MAX_ID + 1, k)):
             _confirm_and_fix(tx, blobs, key, report, fix, verdicts[key])
         stale = reclaim_abandoned(tx, now) if fix else abandoned_reservations(tx, now)
         for r in stale:
@@ -249,11 +254,11 @@ def _confirm_and_fix(tx, blobs: BlobStore, key: str, report: CheckReport, fix: b
             return
         problem = Problem("orphan_file", path, f"{size} bytes the ledger does not know")
         if fix:
-            # Names end in '-<id>': keep that id where it is free, so a rebuilt
-            # ledger shows the ids users and logs already know.
-            named = _NAME_ID.search(key)
-            image_id = int(named.group(1)) if named and int(named.group(1)) <= _MAX_ID else None
-            if image_id is not None and tx.image(image_id) is not None:
+            # Names end in '-<id>': keep that id where it was never handed out, so a rebuilt
+            # ledger shows the ids users and logs already know. A lower one may have named
+            # another image since (a crashed save's id goes to the next save): a new id then.
+            image_id = _name_id(key)
+            if image_id is not None and image_id < tx.next_image_id():
                 image_id = None
             tx.insert_image(ImageRow(image_id, user_id, key, size, verdict[1], info.modified))
             problem.detail += "; adopted into its user's usage"
@@ -261,6 +266,11 @@ def _confirm_and_fix(tx, blobs: BlobStore, key: str, report: CheckReport, fix: b
     else:
         return  # consistent after all: a save or delete finished between scan and lock
     report.problems.append(problem)
+
+
+def _name_id(key: str) -> int | None:
+    named = _NAME_ID.search(key)
+    return int(named.group(1)) if named and int(named.group(1)) <= _MAX_ID else None
 
 
 def _check_totals(tx, ledger: Ledger, report: CheckReport, fix: bool) -> None:
