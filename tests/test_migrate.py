@@ -23,7 +23,7 @@ from abbycli import StorageManager
 from abbycli.errors import InvalidInput, ReadOnlyStore
 from abbycli.storage.backend import ImageRow
 from abbycli.storage.migrate import migrate
-from conftest import make_png, write_config
+from conftest import make_png, run_abby, write_config
 
 KILLED = -9 if os.name == "posix" else 137  # tests/worker.py's die()
 LIMITS = dict(max_global_storage_mb=10, max_user_storage_mb=2, max_user_daily_gens=5, cleanup_days=7,
@@ -390,16 +390,8 @@ def test_sqlite_local_to_postgres_s3_and_back(source, pg_s3, tmp_path):
 
 # --- the command -------------------------------------------------------------------------------
 
-# Until app.py registers the command, the tests register it themselves (idempotently).
-ENTRY = ("from abbycli.cli import app as a, migrate_cmds\n"
-         "if not any(getattr(c.callback, '__name__', '') == 'migrate' for c in a.app.registered_commands):\n"
-         "    migrate_cmds.register(a.app)\n"
-         "a.main()\n")
-
-
-def abby(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", ENTRY, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **env}, timeout=120)
+def abby(*args: str, env: dict, cwd: Path):
+    return run_abby(*args, env=env, cwd=cwd)
 
 
 def test_the_command_end_to_end(source, tmp_path):

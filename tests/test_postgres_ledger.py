@@ -2,8 +2,8 @@
 cross-process guarantees (migrations, the maintenance lock, the quota race) and the
 store on top of it.
 
-Needs ABBY_TEST_POSTGRES_URL; start a throwaway server with
-``bash .ci/servers start`` and load its facts with ``set -a; . /tmp/abby-test-servers/env; set +a``.
+Uses the PostgreSQL test server of tests/servers.py (ABBY_TEST_POSTGRES_URL, or started by the
+fixtures; skipped, saying how to start it, otherwise).
 Every test works in a schema of its own, dropped afterwards.
 """
 
@@ -24,24 +24,17 @@ import pytest
 from abbycli.errors import Busy, ConfigError, ReadOnlyStore, StorageError
 from abbycli.storage.backend import ImageRow, Usage
 
-HOW = "start one with `bash .ci/servers start` and `set -a; . /tmp/abby-test-servers/env; set +a`"
 WORKER = Path(__file__).with_name("pg_worker.py")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the test servers run on the Linux side only")
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
-    url = os.environ.get("ABBY_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip(f"ABBY_TEST_POSTGRES_URL is not set: {HOW}")
-    psycopg = pytest.importorskip("psycopg", reason="needs the postgres extra: pip install 'abbycli[postgres]'")
+def pg_url(postgres_url) -> str:
+    """The test server of tests/servers.py (started there, or skipped saying how)."""
+    pytest.importorskip("psycopg", reason="needs the postgres extra: pip install 'abbycli[postgres]'")
     pytest.importorskip("psycopg_pool", reason="needs the postgres extra: pip install 'abbycli[postgres]'")
-    try:
-        psycopg.connect(url, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL at ABBY_TEST_POSTGRES_URL ({' '.join(str(exc).split())}): {HOW}")
-    return url
+    return postgres_url
 
 
 def admin(url: str, sql: str, args=()):

@@ -27,7 +27,7 @@ from ..secrets import redact
 from . import logfile, output
 
 # Commands whose runs are logged: the unattended ones, and those whose failures cost credits.
-LOGGED = {"cleanup", "check", "schedule", "generate", "img2img", "upscale"}
+LOGGED = {"cleanup", "check", "schedule", "generate", "img2img", "upscale", "migrate"}
 
 
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
@@ -194,10 +194,11 @@ def _state_of(ctx) -> State:
 
 
 def _register() -> None:
-    from . import config_cmds, gen_cmds, history_cmds, schedule_cmds, storage_cmds
+    from . import config_cmds, gen_cmds, history_cmds, migrate_cmds, schedule_cmds, storage_cmds
 
     gen_cmds.register(app)
     storage_cmds.register(app)
+    migrate_cmds.register(app)
     history_cmds.register(app)
     app.add_typer(schedule_cmds.app, name="schedule")
     app.add_typer(config_cmds.app, name="config")
