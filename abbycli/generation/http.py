@@ -115,13 +115,14 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 
 
 async def request(http: httpx.AsyncClient, method: str, url: str, *, host: str, secrets: tuple = (),
-                  max_bytes: int = MAX_BODY_BYTES, **kwargs: Any) -> httpx.Response:
+                  max_bytes: int | None = None, **kwargs: Any) -> httpx.Response:
     """One HTTP exchange, its body read whole but never beyond ``max_bytes``; network failures
     become ProviderUnavailable (retried by the caller's loop) and requests that cannot even be
     built a plain ProviderError (never retried). Messages are scrubbed of ``secrets``. Status
     codes are the caller's to map."""
     import httpx
 
+    max_bytes = MAX_BODY_BYTES if max_bytes is None else max_bytes
     try:
         async with http.stream(method, url, **kwargs) as response:
             declared = response.headers.get("content-length", "")
