@@ -49,8 +49,8 @@ def history_cmd(
         output.info("No generation attempts recorded" + (f" for {user}." if user else "."))
         return
     output.table(
-        ["When", "User", "Operation", "Model", "Outcome", "Seconds", "Size", "Prompt"],
-        [[r["at"][:16].replace("T", " "), r["user_id"], r["operation"], r["model"] or "",
+        ["When", "User", "Operation", "Provider", "Model", "Outcome", "Seconds", "Size", "Prompt"],
+        [[r["at"][:16].replace("T", " "), r["user_id"], r["operation"], r["provider"] or "", r["model"] or "",
           [(r["outcome"], _OUTCOME_STYLE.get(r["outcome"], ""))], f"{r['duration'] or 0:.1f}",
           human_size(r["bytes"]) if r["bytes"] else "", (r["prompt"] or "")[:60]] for r in rows],
     )
