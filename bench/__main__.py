@@ -26,10 +26,10 @@ FIGURES = {"1", "2", "3", "4", "5", "6", "7", "8", "9"}
 
 
 def table(rows: list[figures.Row]) -> str:
-    lines = ["| Figure | A | B | A median | B median | A/B | Target | Met |", "|---|---|---|---|---|---|---|---|"]
     def shown(value: float, rate: bool) -> str:
         return f"{value:.0f}/s" if rate else f"{value * 1000:.1f} ms"
 
+    lines = ["| Figure | A | B | A median | B median | A/B | Target | Met |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a_med = shown(r.pair.a_median, r.rate) if r.pair else ""
         b_med = shown(r.pair.b_median, r.rate) if r.pair else ""
@@ -97,7 +97,7 @@ def with_servers(s: figures.Settings, only: set[str], keep_in: str | None, skipp
     """Figures 7-9, or none, with a one-line reason, when the servers are not there."""
     rows: list[figures.Row] = []
     try:
-        with backends.servers(s.work, keep_in) as srv:
+        with backends.servers(keep_in) as srv:
             for number, name, fn in (("7", "save on PostgreSQL + S3", backends.save),
                                      ("8", "reservations on PostgreSQL", backends.reservations),
                                      ("9", "check on S3", backends.check)):

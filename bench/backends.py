@@ -61,7 +61,8 @@ def load_average() -> str:
 # --- the servers ------------------------------------------------------------------------------------
 
 @contextmanager
-def servers(work: Path, keep_in: str | None) -> Iterator[Servers]:
+def servers(keep_in: str | None) -> Iterator[Servers]:
+    """The servers for figures 7-9 (see the module's docstring); Unavailable says why there are none."""
     try:
         import obstore  # noqa: F401
         import psycopg  # noqa: F401
@@ -74,7 +75,9 @@ def servers(work: Path, keep_in: str | None) -> Iterator[Servers]:
     with ExitStack() as stack:
         facts = {v: os.environ[v] for v in VARS if os.environ.get(v)}
         if len(facts) != len(VARS):
-            facts = stack.enter_context(_ci_servers(keep_in or str(work / "servers"), stop=keep_in is None))
+            # Not under the work dir: PostgreSQL runs as its own user, which must reach its folder.
+            folder = keep_in or tempfile.mkdtemp(prefix="abby-bench-servers-")
+            facts = stack.enter_context(_ci_servers(folder, stop=keep_in is None))
         durable_url, why_not = stack.enter_context(_durable_postgres())
         yield Servers(facts["ABBY_TEST_POSTGRES_URL"], durable_url, why_not, facts["ABBY_TEST_S3_BUCKET"],
                       S3Options(endpoint=facts["ABBY_TEST_S3_ENDPOINT"], region=facts["ABBY_TEST_S3_REGION"],
@@ -91,7 +94,9 @@ def _ci_servers(folder: str, stop: bool) -> Iterator[dict[str, str]]:
     done = subprocess.run(["bash", str(SCRIPT), "start", folder], capture_output=True, text=True, env=env,
                           timeout=180)
     if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("servers: ")
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        said = [line for line in lines if line.startswith("servers: ")]  # the script's own words first
+        why = (said or lines)[-1].removeprefix("servers: ")[:200]
         raise Unavailable(f"no PostgreSQL/S3 servers ({why}); run `bash .ci/servers start DIR` once "
                           "(it installs them) and pass --servers DIR")
     try:
