@@ -29,6 +29,7 @@ class Row:
     limit: float | None  # the ratio must be <= this
     notes: list[str] = field(default_factory=list)
     value: float | None = None  # for rows that are not a plain A/B ratio
+    rate: bool = False  # the medians are things per second, not seconds
 
     @property
     def ratio(self) -> float:
@@ -178,7 +179,7 @@ def concurrency(s: Settings) -> list[Row]:
     return [Row("2. 8 processes vs 1 (saves/s)", "8 processes, 4 users", "1 process", pair, "report (higher is better)",
                 None, [f"{total} saves of 256 KiB each side; medians {pair.a_median:.0f} vs {pair.b_median:.0f} saves/s",
                        f"tight-limit race: {ok} stored, {refused} refused, 0 bytes over any limit (asserted), "
-                       "check clean"])]
+                       "check clean"], rate=True)]
 
 
 def _bytes_over_limits(sm: StorageManager, root: Path, limits: dict) -> int:
