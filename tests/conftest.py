@@ -101,3 +101,13 @@ def write_config(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def interruptible() -> dict:
+    """Popen arguments that give a child Ctrl-C's default meaning even when this test run was
+    started in the background (a shell's `cmd &` ignores SIGINT, and children inherit that)."""
+    if os.name != "posix":
+        return {}
+    import signal
+
+    return {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}

@@ -19,7 +19,7 @@ from abbycli.cli import logfile
 from abbycli.cli.app import app
 from abbycli.errors import FileInUse
 from abbycli.storage.manager import CheckReport, CleanupReport, Problem, StorageManager
-from conftest import MIB, make_image, make_png, run_abby, write_config
+from conftest import MIB, interruptible, make_image, make_png, run_abby, write_config
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX devices, pipes and resource limits")
 
@@ -230,7 +230,8 @@ def test_ctrl_c_during_a_command_is_one_line_exit_130_and_logged(cfg, tmp_path):
     log = tmp_path / "abby.log"
     with FileLock(tmp_path / "store" / ".abby" / "maintenance.lock"):  # the cleanup will wait for it
         proc = subprocess.Popen([sys.executable, "-m", "abbycli", "--config", str(cfg), "--log-file", str(log),
-                                 "cleanup"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 "cleanup"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **interruptible())
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
@@ -250,7 +251,7 @@ def test_ctrl_c_after_the_command_finished_is_not_a_traceback(cfg, tmp_path):
                       "from abbycli.cli.app import main\n"
                       "main()\n")
     proc = subprocess.Popen([sys.executable, str(script), "--config", str(cfg), "quota", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **interruptible())
     assert proc.stderr.readline() == "exiting\n"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_abby, write_config
+from conftest import interruptible, run_abby, write_config
 from fake_stability import FakeStability, png
 
 KEY = "sk-test-key-123"
@@ -335,7 +335,7 @@ NO_SIGINT = pytest.mark.skipif(os.name == "nt", reason="Windows cannot send SIGI
 def start_generation(cfg, fake, *args):
     env = dict(os.environ, STABILITY_API_KEY=KEY, STABILITY_API_HOST=fake.url)
     return subprocess.Popen([sys.executable, "-m", "abbycli", "--config", str(cfg), "generate", "x", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **interruptible())
 
 
 @NO_SIGINT
