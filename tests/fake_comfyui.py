@@ -27,11 +27,13 @@ import json
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
+
+from loopback import LoopbackServer
 
 CHECKPOINTS = ["sd15.safetensors", "sdxl.safetensors"]
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m"]
@@ -95,27 +97,13 @@ class FakeComfyUI:
         self._cache: dict[str, dict[str, Any]] = {}  # graph -> outputs of its first run
         self._counter = 0
         self._lock = threading.Lock()
-        self._servers: list[ThreadingHTTPServer] = []
+        self._servers: list[LoopbackServer] = []
 
     # --- lifecycle ------------------------------------------------------------------------
     def _serve(self, handle) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                handle(self)
-
-            def do_POST(self):
-                handle(self)
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = LoopbackServer(handle)
         self._servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return server.url
 
     def start(self) -> str:
         self.url = self._serve(self._handle)
@@ -124,8 +112,7 @@ class FakeComfyUI:
 
     def stop(self) -> None:
         for server in self._servers:
-            server.shutdown()
-            server.server_close()
+            server.stop()
 
     # --- plumbing ---------------------------------------------------------------------------
     @staticmethod

@@ -18,10 +18,12 @@ import email.policy
 import io
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from PIL import Image
+
+from loopback import LoopbackServer
 
 GPT = {"gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"}
 SIZES = {"dall-e-2": {"256x256", "512x512", "1024x1024"}, "dall-e-3": {"1024x1024", "1792x1024", "1024x1792"}}
@@ -55,7 +57,7 @@ class FakeOpenAI:
         self.script: list[tuple[int, dict[str, str], dict]] = []  # answers to give before normal ones
         self.short_by = 0  # answer with this many images fewer than asked
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
         self._ids = 0
 
     @staticmethod
@@ -65,29 +67,12 @@ class FakeOpenAI:
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> str:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                fake._handle(self)
-
-            def do_GET(self):
-                fake._handle(self)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        self._server = LoopbackServer(self._handle)
+        return self._server.url + "/v1"
 
     def stop(self) -> None:
         if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
 
     # --- request handling --------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:

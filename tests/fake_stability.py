@@ -19,10 +19,12 @@ import json
 import random
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from PIL import Image
+
+from loopback import LoopbackServer
 
 STYLES = {"enhance", "anime", "photographic", "digital-art", "comic-book", "fantasy-art", "line-art", "analog-film",
           "neon-punk", "isometric", "low-poly", "origami", "modeling-compound", "cinematic", "3d-model", "pixel-art",
@@ -80,38 +82,20 @@ class FakeStability:
         self.connections = 0
         self._jobs: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> str:
-        fake = self
+        def connected():
+            with self._lock:
+                self.connections += 1
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse can be counted
-
-            def setup(self):
-                super().setup()
-                with fake._lock:
-                    fake.connections += 1
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                fake._handle(self)
-
-            def do_POST(self):
-                fake._handle(self)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = LoopbackServer(self._handle, connected)
+        return self._server.url
 
     def stop(self) -> None:
         if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
 
     # --- request handling --------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
