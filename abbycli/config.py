@@ -139,6 +139,12 @@ def _ledger_url(value: Any) -> str:
     if not value.startswith(("postgresql://", "postgres://")):
         raise ValueError("must be a postgresql://user:password@host:port/database URL "
                          "(leave it unset for the SQLite ledger under storage.root)")
+    authority = value.split("://", 1)[1].split("/", 1)[0]
+    if authority.count("@") > 1:
+        # libpq would split at the first '@' and take the rest of the password for the host,
+        # then print it in every "cannot reach" message.
+        raise ValueError("has more than one '@' before the host: write an '@' inside the user name or "
+                         "password as %40")
     return value
 
 
@@ -150,10 +156,14 @@ def _blobs_url(value: Any) -> str:
 
 
 def masked_url(value: Any) -> Any:
-    """A URL with its password masked: postgresql://abby:********@db:5432/abby."""
+    """A URL with its password masked, in the authority (postgresql://abby:********@db/abby)
+    or as a parameter (?password=********), which libpq accepts too."""
     import re
 
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    value = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1********@", value)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1********", value)
 
 
 def _provider(value: Any) -> str:

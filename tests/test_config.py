@@ -404,3 +404,16 @@ def test_backend_settings_are_checked(tmp_path, key, value, message):
                        else f"[storage]\n{key} = {value}\n")
     result = run_abby("--config", str(cfg), "quota")
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_ledger_url_passwords_are_masked_wherever_the_url_is_shown(tmp_path):
+    from abbycli.config import masked_url
+
+    assert masked_url("postgresql://abby:pw@db:5432/abby") == "postgresql://abby:********@db:5432/abby"
+    assert masked_url("postgresql:///abby?host=db&password=pw&user=abby") == \
+        "postgresql:///abby?host=db&password=********&user=abby"
+    cfg = write_config(tmp_path / "abby.toml", "")
+    done = run_abby("--config", str(cfg), "config", "set", "storage.ledger_url", "postgresql://abby:Tops3cret@db/abby")
+    assert done.returncode == 0 and "Tops3cret" not in done.stdout + done.stderr and "********" in done.stdout
+    bad = run_abby("--config", str(cfg), "config", "set", "storage.ledger_url", "postgresql://abby:Sup3r@S3cret@db/abby")
+    assert bad.returncode == 2 and "as %40" in bad.stderr and "S3cret" not in bad.stderr

@@ -490,3 +490,41 @@ def test_processes_killed_during_saves_leave_no_row_without_its_blob(backend, mo
     with sm.ledger.read() as tx:
         assert tx.audit_totals().ok
     assert sm.check().problems == []
+
+
+def test_a_host_with_another_image_store_is_refused_before_it_writes(backend, tmp_path):
+    """A host that forgot storage.blobs_url (or names another bucket) would write rows every
+    other host sees as missing files, and their check --fix would drop them."""
+    from abbycli import StorageManager
+    from abbycli.errors import ConfigError
+    from abbycli.storage.blobs import LocalBlobStore
+
+    sm = backend("h1")
+    sm.store(make_png(900), "alice", "a.png")
+    stray = LocalBlobStore(tmp_path / "elsewhere")
+    other = StorageManager(tmp_path / "elsewhere", ledger=sm.ledger, blobs=stray)
+    if isinstance(sm.blobs, LocalBlobStore):  # the same kind of store: nothing to tell apart
+        other.store(make_png(901), "alice", "b.png")
+        return
+    with pytest.raises(ConfigError, match="every host sharing a ledger must use the same storage.blobs_url"):
+        other.store(make_png(901), "alice", "b.png")
+    with pytest.raises(ConfigError):
+        other.check(fix=True)
+    assert [i.key for i in sm.list_images()] == ["users/alice/a-1.png"]
+
+
+def test_check_never_reads_a_remote_object_larger_than_a_users_cap(backend):
+    """On S3, reading a foreign multi-GB object under users/ would hold it in memory."""
+    from abbycli.storage.blobs import LocalBlobStore
+
+    sm = backend("h1", **TIGHT)
+    if isinstance(sm.blobs, LocalBlobStore):
+        pytest.skip("a local file is read from disk as a stream")
+    staged = sm.blobs.stage(b"\x89PNG\r\n\x1a\n" + b"\0" * (32 * KIB))  # twice a user's whole cap
+    sm.blobs.commit(staged, "users/alice/huge-77.png")
+    opened = []
+    real_open = sm.blobs.open
+    sm.blobs.open = lambda key: opened.append(key) or real_open(key)
+    report = sm.check(fix=True)
+    assert [p.kind for p in report.problems] == ["not_an_image"] and "not read" in report.problems[0].detail
+    assert opened == []

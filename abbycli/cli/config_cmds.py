@@ -99,7 +99,7 @@ def set_cmd(
     target = find_config(st.config, os.environ) or user_config_path()
     lost_comments = set_value(target, key, value)
     found = key_for(key)
-    shown = "********" if found.secret else value
+    shown = "********" if found.secret else found.show(value) if found.show else value
     output.info(f"set {key} = {shown} in {target}")
     if lost_comments:
         output.warn("your own comments in that file were not kept (abby's key documentation was)")

@@ -222,7 +222,7 @@ def _dry_run(generator, storage, req, owner: str, as_json: bool) -> bool:
             output.info(f"  {k}: {v}")
         for k, v in (r.get("json") or r.get("multipart") or {}).items():
             output.info(f"  {k} = {v}")
-    output.info(f"quota: {slots} daily generation(s) of {status['daily']['remaining']} left, "
+    output.info(f"quota: takes {slots} daily generation(s); {status['daily']['remaining']} left today; "
                 f"{human_size(reserve)} reserved" + (f"; WOULD BE REFUSED by {refusal}" if refusal else ""))
     return refusal is not None
 

@@ -39,7 +39,11 @@ def migrate(
     # The environment configures the current store (ABBY_LEDGER_URL, STORAGE_ROOT, AWS_*...):
     # applied to the target as well, it would turn the target into the source, or hand
     # one store's credentials to the other. The target is OTHER.toml alone.
-    target = StorageManager.from_settings(load_settings(to, env={}))
+    try:
+        target = StorageManager.from_settings(load_settings(to, env={}))
+    except ConfigError as exc:
+        raise ConfigError(f"the target ({to}): {exc} (the target is read from that file alone: "
+                          "no environment variable applies to it)") from None
     with target, _Bar(enabled=not as_json) as bar:
         try:
             report = run(source, target, progress=bar.update, dry_run=dry_run)

@@ -179,6 +179,11 @@ class LedgerReader(ABC):
     def daily_counts(self, day: str) -> dict[str, int]:
         """user -> generations counted on ``day`` (users with a counter only)."""
 
+    # --- the store's own facts -----------------------------------------------------------
+    @abstractmethod
+    def setting(self, name: str) -> str | None:
+        """A fact recorded with the ledger (which image store its rows belong to), or None."""
+
 
 class LedgerWriter(LedgerReader):
     """Operations that need ``write()``: all of them run under the ledger's write lock."""
@@ -248,6 +253,10 @@ class LedgerWriter(LedgerReader):
     @abstractmethod
     def raise_daily(self, day: str, counts: dict[str, int]) -> None:
         """Set each user's counter for ``day`` to at least the given count (never lowers one)."""
+
+    @abstractmethod
+    def set_setting(self, name: str, value: str) -> None:
+        """Record a fact with the ledger, replacing the earlier value."""
 
 
 class Ledger(ABC):

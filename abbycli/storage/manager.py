@@ -34,7 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import AbbyError, FileInUse, InvalidInput, NotFound, StorageError, UserQuotaExceeded
+from ..errors import (AbbyError, ConfigError, FileInUse, InvalidInput, NotFound, ReadOnlyStore, StorageError,
+                      UserQuotaExceeded)
 from .backend import ImageRow, Ledger
 from .blobs import IN_USE, UNSAFE, BlobExists, BlobStore, LocalBlobStore
 from .formats import EXTENSIONS, verify_image
@@ -142,6 +143,7 @@ class StorageManager:
                                   rebuild=self._rebuild_lost_ledger if local else None)
         self.ledger = ledger
         self.quota = QuotaManager(self.ledger, self.limits)
+        self._blobs_matched = False  # the ledger's recorded image store was compared with ours
 
     @classmethod
     def from_settings(cls, settings) -> "StorageManager":
@@ -215,6 +217,7 @@ class StorageManager:
         if reservation is not None and reservation.user_id != user_id:
             raise InvalidInput("the reservation belongs to another user")
         fmt = verify_image(data)[0]  # before anything is written
+        self._match_blobs()
         if reservation is None:
             # Cheap early refusal (no lock): spares staging bytes that would be refused.
             # The binding check is the one inside the write transaction below.
@@ -357,6 +360,7 @@ class StorageManager:
         raised: the quota never forgets a file that is still on disk, not even if
         this process dies half-way (the next cleanup finishes the delete).
         """
+        self._match_blobs()
         image = self.get_image(ref)
         with self.ledger.write() as tx:
             rows = tx.begin_delete(ids=[image.id], limit=1)
@@ -394,6 +398,7 @@ class StorageManager:
         """
         days = self.cleanup_days if older_than_days is None else older_than_days
         check_days("older-than", days, minimum=0)
+        self._match_blobs()
         now = time.time() if now is None else now
         user_id = validate_user_id(user_id) if user_id is not None else None
         return _cleanup(self.ledger, self.blobs, cutoff=now - days * 86400, user_id=user_id,
@@ -407,9 +412,39 @@ class StorageManager:
         from . import reconcile
 
         now = time.time() if now is None else now
+        self._match_blobs()
         with self.ledger.maintenance_lock(lock_timeout, writes=fix):
             self.ledger.open()
             return reconcile.check(self.ledger, self.blobs, self.limits, fix=fix, now=now)
+
+    def _match_blobs(self) -> None:
+        """Every host sharing a ledger must keep its images in the same store: a host that
+        forgot ``storage.blobs_url`` (or names another bucket) would write rows the others
+        see as missing files, and their ``check --fix`` would drop them. The first writer
+        records its image store with the ledger; a different one is refused (once per
+        manager: one read, and one write the very first time)."""
+        if self._blobs_matched:
+            return
+        mine = "local" if isinstance(self.blobs, LocalBlobStore) else self.blobs.describe()
+        with self.ledger.read() as tx:
+            recorded = tx.setting("blobs")
+        if recorded is None and not self.ledger.read_only:
+            try:
+                with self.ledger.write() as tx:
+                    recorded = tx.setting("blobs")
+                    if recorded is None:
+                        tx.set_setting("blobs", mine)
+                        recorded = mine
+            except ReadOnlyStore:
+                pass  # a reader records nothing; the store's owner will
+        if recorded is not None and recorded != mine:
+            def name(store: str) -> str:
+                return "the local images/ folder" if store == "local" else store
+
+            raise ConfigError(f"this store's ledger ({self.ledger.describe()}) belongs to images in "
+                              f"{name(recorded)}, but this host keeps them in {name(mine)}: every host "
+                              "sharing a ledger must use the same storage.blobs_url")
+        self._blobs_matched = True
 
     def _rebuild_lost_ledger(self) -> None:
         from . import reconcile

@@ -156,6 +156,12 @@ CREATE INDEX history_by_user ON history (user_id, at);
 """)
 
 
+@_migration
+def settings(conn) -> None:
+    """Facts about the store kept with its ledger: which image store its rows belong to."""
+    conn.execute("CREATE TABLE settings (name text PRIMARY KEY, value text NOT NULL)")
+
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Advisory lock keys: (kind, crc32 of the schema name). 0x6162 is 'ab'.
@@ -334,6 +340,10 @@ class _Reader(LedgerReader):
     def daily_counts(self, day: str) -> dict[str, int]:
         return dict(self._all("SELECT user_id, used FROM daily WHERE day = %s", (day,)))
 
+    def setting(self, name: str) -> str | None:
+        rows = self._all("SELECT value FROM settings WHERE name = %s", (name,))
+        return rows[0][0] if rows else None
+
 
 def _matching(ids: Sequence[int] | None, created_before: float | None, user_id: str | None) -> tuple[str, list]:
     where, args = ["true"], []
@@ -385,7 +395,6 @@ u AS (UPDATE usage SET reserved = usage.reserved - per.b FROM per WHERE usage.us
 t AS (UPDATE totals SET reserved = reserved - (SELECT COALESCE(sum(bytes), 0) FROM del))
 SELECT count(*) FROM del
 """
-
 
 class _Writer(_Reader, LedgerWriter):
     """Domain writes, inside a transaction that holds the store's write lock."""
@@ -506,6 +515,11 @@ UPDATE totals SET bytes = (SELECT COALESCE(sum(bytes), 0) FROM usage),
 
 
 # --- the ledger ----------------------------------------------------------------------------
+
+    def set_setting(self, name: str, value: str) -> None:
+        self._run("INSERT INTO settings (name, value) VALUES (%s, %s) "
+                  "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", (name, value))
+
 
 class PostgresLedger(Ledger):
     """A store's ledger in PostgreSQL; one object shared by a process's threads.

@@ -21,7 +21,7 @@ from .blobs import BlobStore, LocalBlobStore
 from .formats import verify_image
 from .maintenance import GONE, finish_interrupted_deletes, where
 from .names import decode_user_dir
-from .quota import Limits, abandoned_reservations, reclaim_abandoned, size_pair
+from .quota import Limits, abandoned_reservations, human_size, reclaim_abandoned, size_pair
 from .reports import CheckReport, Problem
 from .safefs import SafeRemover, network_filesystem
 
@@ -39,7 +39,7 @@ def check(ledger: Ledger, blobs: BlobStore, limits: Limits, *, fix: bool, now: f
     temp_files = local.stale_temp_files(now) if local else []
 
     # Decoding is slow: done before the lock is taken, so saves go on meanwhile.
-    verdicts = {key: _verify(blobs, key) for key in suspects}
+    verdicts = {key: _verify(blobs, key, limits.user_bytes) for key in suspects}
     # A blob without a row may be a save in flight (placed, its row not committed yet):
     # only under the write lock can no save be half-done, so a check that only reads
     # takes it too when there is something to confirm (and this user may write at all).
@@ -202,10 +202,17 @@ def _compare_in_parallel(blobs: LocalBlobStore, grouped: dict[str, dict[str, int
 
 # --- confirming and fixing ---------------------------------------------------------------
 
-def _verify(blobs: BlobStore, key: str) -> tuple[int, str | None, str] | None:
+def _verify(blobs: BlobStore, key: str, max_bytes: int) -> tuple[int, str | None, str] | None:
     """(size, format or None, why not an image) for a blob; None if it is gone or not a
-    plain file. Read through the store, which never follows a link."""
+    plain file. Read through the store, which never follows a link. An object in a remote
+    store larger than a whole user's cap is not read (it would be held in memory, and abby
+    never stores such an image): it is reported, not adopted; a local file is read as it is."""
     try:
+        if blobs.local_path(key) is None:
+            info = blobs.stat(key)
+            if info is not None and info.size > max_bytes:
+                return info.size, None, (f"it is {human_size(info.size)}, more than a user's whole cap "
+                                         f"({human_size(max_bytes)}), so abby never stored it; not read")
         fh = blobs.open(key)
     except (NotFound, StorageError):
         return None

@@ -53,9 +53,11 @@ LIST_CHUNK = 500  # objects handed over per step of a listing; pages are fetched
 MAX_URL_LIFETIME = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
 
 # Fail within seconds when the store is down: a bot's save must not hang for obstore's
-# default three minutes of retries.
-_CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=60)}
-_RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=20),
+# default three minutes of retries. A PUT runs inside the ledger's write transaction, which
+# every host's writers wait for, so an endpoint that accepts and never answers must not hold
+# it long either: a 1.5 MiB image takes milliseconds to upload to a healthy store.
+_CLIENT_OPTIONS = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=15)}
+_RETRY = {"max_retries": 2, "retry_timeout": timedelta(seconds=10),
           "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2)}}
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,62}")
@@ -164,6 +166,7 @@ class S3BlobStore(BlobStore):
     def __init__(self, bucket: str, prefix: str, options: S3Options):
         self._ob = _import_obstore()
         self.bucket, self.prefix, self.options = bucket, prefix, options
+        self._warned_token = False
         self.endpoint = options.endpoint or f"https://s3.{options.region}.amazonaws.com"
         self._secrets = (options.secret_access_key, options.session_token)
         config = {"region": options.region, "access_key_id": options.access_key_id,
@@ -330,6 +333,12 @@ class S3BlobStore(BlobStore):
         """A presigned GET URL, valid for ``expires`` seconds. Signing is local: no request."""
         if not 1 <= expires <= MAX_URL_LIFETIME:
             raise InvalidInput(f"a presigned URL lives from 1 s to {MAX_URL_LIFETIME} s (7 days), not {expires!r}")
+        if self.options.session_token and not self._warned_token:
+            # SigV4 cannot sign with temporary credentials without putting their token in the URL.
+            self._warned_token = True
+            logging.getLogger("abby.storage").warning(
+                "these URLs carry the S3 session token (temporary credentials, X-Amz-Security-Token): "
+                "share them only as you would share the token")
         with self._errors("sign a URL for", self._check_key(key)):
             return self._ob.sign(self._store, "GET", key, timedelta(seconds=expires))
 

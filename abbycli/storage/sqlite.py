@@ -428,6 +428,10 @@ class _Reader(LedgerReader):
     def daily_counts(self, day: str) -> dict[str, int]:
         return dict(self._conn.execute("SELECT user_id, used FROM daily WHERE day = ?", (day,)).fetchall())
 
+    def setting(self, name: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM state WHERE key = ?", ("setting:" + name,)).fetchone()
+        return row[0] if row else None
+
 
 def _matching(ids: Sequence[int] | None, created_before: float | None, user_id: str | None) -> tuple[str, list]:
     where, args = ["1 = 1"], []
@@ -557,6 +561,9 @@ class _Writer(_Reader, LedgerWriter):
             "INSERT INTO daily (user_id, day, used) VALUES (?, ?, ?) "
             "ON CONFLICT (user_id, day) DO UPDATE SET used = MAX(used, excluded.used)",
             [(user, day, used) for user, used in counts.items()])
+
+    def set_setting(self, name: str, value: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", ("setting:" + name, value))
 
 
 class SqliteLedger(Ledger):
