@@ -22,7 +22,7 @@ def document(name: str) -> dict[str, Any]:
     folder = os.environ.get("ABBY_API_REFS")
     if not folder:
         pytest.skip("set ABBY_API_REFS to the folder holding the backends' API documents to check requests "
-                    "against them (.ci/run does)")
+                    "against them")
     path = Path(folder) / name
     if not path.is_file():
         pytest.skip(f"{path} does not exist")
