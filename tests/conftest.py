@@ -111,3 +111,19 @@ def interruptible() -> dict:
     import signal
 
     return {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The waits retries ask for, recorded instead of slept."""
+    waits: list[float] = []
+    import asyncio
+
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds, *a):
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    return waits

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from loopback import LoopbackServer
+from loopback import LoopbackServer, send
 
 CHECKPOINTS = [
     {"title": "v1-5-pruned-emaonly.safetensors [6ce0161689]", "model_name": "v1-5-pruned-emaonly",
@@ -238,10 +238,4 @@ class FakeWebUI:
     @staticmethod
     def _send(h: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
+        send(h, status, data, {"Content-Type": "application/json", **(headers or {})})

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
-from loopback import LoopbackServer
+from loopback import LoopbackServer, send
 
 CHECKPOINTS = ["sd15.safetensors", "sdxl.safetensors"]
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m"]
@@ -118,13 +118,7 @@ class FakeComfyUI:
     @staticmethod
     def _send(h, status: int, body: Any, ctype: str = "application/json", headers: dict | None = None) -> None:
         data = json.dumps(body).encode() if ctype == "application/json" else body
-        h.send_response(status)
-        h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
+        send(h, status, data, {"Content-Type": ctype, **(headers or {})})
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)

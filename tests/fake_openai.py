@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from loopback import LoopbackServer
+from loopback import LoopbackServer, send
 
 GPT = {"gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"}
 SIZES = {"dall-e-2": {"256x256", "512x512", "1024x1024"}, "dall-e-3": {"1024x1024", "1792x1024", "1024x1792"}}
@@ -221,12 +221,7 @@ class FakeOpenAI:
 
     @staticmethod
     def _send(h, status: int, data: bytes, headers: dict[str, str]) -> None:
-        h.send_response(status)
-        for k, v in headers.items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        send(h, status, data, headers)
 
 
 if __name__ == "__main__":  # run by hand: python tests/fake_openai.py

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from loopback import LoopbackServer
+from loopback import LoopbackServer, send
 
 STYLES = {"enhance", "anime", "photographic", "digital-art", "comic-book", "fantasy-art", "line-art", "analog-film",
           "neon-punk", "isometric", "low-poly", "origami", "modeling-compound", "cinematic", "3d-model", "pixel-art",
@@ -329,12 +329,7 @@ class FakeStability:
 
     @staticmethod
     def _send(h, status: int, data: bytes, headers: dict[str, str]) -> None:
-        h.send_response(status)
-        for k, v in headers.items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        send(h, status, data, headers)
 
 
 if __name__ == "__main__":  # run by hand: python tests/fake_stability.py

@@ -183,10 +183,10 @@ def test_an_unwritable_log_warns_once_and_the_command_goes_on(cfg):
 
 def test_log_setup_is_idempotent(tmp_path):
     path, other = tmp_path / "a.log", tmp_path / "b.log"
-    logfile.setup(path, "cleanup", ())
-    logfile.setup(path, "cleanup", ())
+    logfile.setup(path, "cleanup")
+    logfile.setup(path, "cleanup")
     logfile.log().info("once")
-    logfile.setup(other, "check", ())
+    logfile.setup(other, "check")
     logfile.log().info("elsewhere")
     for handler in logging.getLogger("abby").handlers:
         handler.flush()

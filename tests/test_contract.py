@@ -274,7 +274,7 @@ def test_cleanup_finishes_a_delete_interrupted_half_way(backend):
 
 def test_check_finds_and_fix_repairs_every_drift(backend):
     sm = backend(**TIGHT)
-    kept = sm.store(make_png(1000), "alice")
+    sm.store(make_png(1000), "alice")  # one image that stays consistent
     gone = sm.store(make_png(1000), "alice")
     grown = sm.store(make_png(1000), "bob")
     sm.blobs.delete([gone.key])  # a blob lost behind abby's back

@@ -87,20 +87,6 @@ def run(g, req):
     return asyncio.run(go())
 
 
-@pytest.fixture
-def sleeps(monkeypatch) -> list[float]:
-    """The waits retries ask for, recorded instead of slept."""
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def fake_sleep(seconds, *a):
-        waits.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
-    return waits
-
-
 # --- requests ------------------------------------------------------------------------------------
 
 def test_gpt_image_generation_is_one_json_request_with_n():

@@ -4,14 +4,12 @@ trying abby as a hostile user would (issue 10's adversarial try-out)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import struct
 import zlib
 
 import httpx
 import pytest
-from PIL import Image
 
 from abbycli.errors import InvalidInput, MalformedResponse, ProviderError, ProviderUnavailable
 from abbycli.generation.provider import Provider

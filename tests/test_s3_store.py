@@ -19,7 +19,6 @@ from abbycli.storage.s3 import (
 )
 from abbycli.storage.safefs import DELETED, UNSAFE
 from conftest import make_png
-from servers import s3_store_env, test_servers  # noqa: F401  (until tests/conftest.py imports them)
 
 SECRET = "not-the-real-secret-0123456789"
 TOKEN = "session-token-abcdefghijklmnop"

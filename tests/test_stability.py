@@ -239,20 +239,6 @@ def test_client_errors_are_mapped_and_never_retried(response, exc, text):
     assert result.exit_code == 4
 
 
-@pytest.fixture
-def sleeps(monkeypatch) -> list[float]:
-    """The waits retries ask for, recorded instead of slept."""
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def fake_sleep(seconds, *a):
-        waits.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
-    return waits
-
-
 def test_429_then_200_is_retried_honouring_retry_after(sleeps):
     rec = Recorder(httpx.Response(429, headers={"Retry-After": "7"}, json={"errors": ["slow down"]}), ok_image)
     [image] = run(generate(gen(rec), ImageRequest("text-to-image", prompt="x")))

@@ -114,7 +114,7 @@ class State:
         if self._settings is None:
             self._settings = load_settings(self.config, {"storage.root": self.root, "cli.log_file": self.log_file})
             if self.command in LOGGED:
-                logfile.setup(self._settings.cli.log_file, self.command, self._settings.secrets())
+                logfile.setup(self._settings.cli.log_file, self.command, self._settings.secrets)
         return self._settings
 
     def open_log(self) -> None:
@@ -128,7 +128,7 @@ class State:
         except AbbyError:
             from ..config import default_log_file
 
-            logfile.setup(Path(self.log_file) if self.log_file else default_log_file(), self.command, ())
+            logfile.setup(Path(self.log_file) if self.log_file else default_log_file(), self.command)
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret of the loaded settings (none before they load), for scrubbing output."""

@@ -16,6 +16,7 @@ import logging
 import os
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import Callable
 
 from ..secrets import redact
 from . import output
@@ -24,9 +25,18 @@ LOGGER = "abby"
 
 
 class _RedactingFormatter(logging.Formatter):
-    def __init__(self, command: str, secrets: tuple[str, ...]):
+    def __init__(self, command: str, secrets: Callable[[], tuple[str, ...]]):
         super().__init__(f"%(asctime)s %(levelname)s abby {command}: %(message)s")
-        self.secrets = secrets
+        self._secrets = secrets
+        self._known: tuple[str, ...] | None = None
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        # Gathered at the first record, not at start-up: finding every provider's secrets
+        # imports every provider, which a command that logs nothing need not pay for.
+        if self._known is None:
+            self._known = tuple(self._secrets())
+        return self._known
 
     def format(self, record: logging.LogRecord) -> str:
         # One record, one line: control characters in the message (a file name with a
@@ -56,7 +66,7 @@ class _Handler(RotatingFileHandler):
         output.warn(f"cannot write the log file {self.baseFilename}: {reason}; continuing without it")
 
 
-def setup(path: Path, command: str, secrets: tuple[str, ...]) -> None:
+def setup(path: Path, command: str, secrets: Callable[[], tuple[str, ...]] = tuple) -> None:
     """Send the "abby" logger to ``path``, and only there.
 
     Calling it again (a second command in one process, as the test runner
